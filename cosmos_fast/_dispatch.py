@@ -1,0 +1,73 @@
+"""The one place that decides which implementation runs an op.
+
+Rule (as in xformers' dispatch): CUDA tensors take the fast path (Triton),
+everything else the PyTorch path. ``COSMOS_FAST_BACKEND=torch`` forces the
+PyTorch reference path everywhere (for debugging); ``COSMOS_FAST_BACKEND=triton``
+forces Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` (how the CPU
+tests exercise the kernels).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton")
+ENV_VAR = "COSMOS_FAST_BACKEND"
+
+# Dtypes the Triton kernels accept; anything else (float64) takes the PyTorch path.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def select_backend(x: torch.Tensor) -> str:
+    """Backend ("triton" or "torch") for an op whose main input is ``x``."""
+    forced = forced_backend()
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
+        if x.device.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(
+                f"{ENV_VAR}=triton on {x.device.type} tensors needs TRITON_INTERPRET=1 "
+                "(the Triton interpreter runs the kernels on CPU)"
+            )
+        if x.dtype not in TRITON_DTYPES:
+            raise TypeError(f"the Triton kernels take {TRITON_DTYPES}, got {x.dtype}")
+        return "triton"
+    if x.device.type == "cuda" and triton_available() and x.dtype in TRITON_DTYPES:
+        return "triton"
+    return "torch"
+
+
+def backends() -> dict[str, object]:
+    """What this machine can run: a summary for bug reports and benchmark logs."""
+    return {
+        "forced": forced_backend(),
+        "triton": triton_available(),
+        "triton_interpreter": triton_interpreted(),
+        "cuda": torch.cuda.is_available(),
+    }

@@ -1,0 +1,78 @@
+"""``nn.Module`` wrappers of the contrastive losses."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import world
+from ..ops.contrastive.functional import contrastive_loss, multiview_contrastive_loss
+
+
+class ContrastiveLoss(nn.Module):
+    """Drop-in for open_clip's ``ClipLoss``: ``forward(image_features, text_features, logit_scale, output_dict=False)``.
+
+    ``logit_scale`` is the multiplier (``model.logit_scale.exp()``, as open_clip models return it). Each rank
+    scores its rows against the all-gathered columns and gradients flow back to their owners, so the gradient
+    after DDP's averaging is always that of the global loss (open_clip's ``gather_with_grad=True``). With
+    ``local_loss=False`` the returned value is the global loss (the mean over ranks), as open_clip reports it;
+    with ``local_loss=True`` it is this rank's share. The other open_clip arguments are accepted for drop-in use.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int | None = None, world_size: int | None = None, use_horovod: bool = False, group=None):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported: cosmos_fast gathers with torch.distributed")
+        self.local_loss = local_loss
+        self.group = group
+        self._expected_world = (rank, world_size)
+
+    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
+        rank, size = world(self.group)
+        want_rank, want_size = self._expected_world
+        if (want_size is not None and want_size != size) or (want_rank is not None and want_rank != rank):
+            raise ValueError(f"ContrastiveLoss was built for rank {want_rank} of {want_size} but runs as {rank} of {size}")
+        loss = contrastive_loss(image_features, text_features, logit_scale, group=self.group)
+        if not self.local_loss and size > 1:
+            mean = loss.detach().clone()
+            dist.all_reduce(mean, group=self.group)
+            loss = loss + (mean / size - loss.detach())
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class CosmosLossOutput(NamedTuple):
+    total: torch.Tensor
+    clip: torch.Tensor
+    cosmos: torch.Tensor
+
+
+class CosmosLoss(nn.Module):
+    """The COSMOS objective: ``L = L_CLIP + L_COSMOS`` (``cosmos.md``, Loss), 80 logit matrices in two kernel calls.
+
+    ``forward`` takes (all [V, N, D], the caller normalises; local rows when distributed):
+        image_features: [2, N, D] student embeddings of the global crops.
+        text_features: [8, N, D] student caption embeddings (2 global + 6 local).
+        cross_image_features: [8, N, D] cross-attended image outputs X_img.
+        cross_text_features: [8, N, D] cross-attended caption outputs X_txt.
+        teacher_image_features, teacher_text_features: [2, N, D] teacher targets (detached here).
+        logit_scale, distill_logit_scale: 0-d multipliers ``exp(...)`` of the two temperatures.
+    ``L_CLIP`` is the mean over image x caption pairs; ``L_COSMOS`` the mean of the four groups
+    ``C(X_img, T_img) + C(X_img, T_txt) + C(X_txt, T_img) + C(X_txt, T_txt)``, which, the groups being equal in
+    size, is one multiview loss of ``[X_img; X_txt]`` against ``[T_img; T_txt]``.
+    Returns ``CosmosLossOutput(total, clip, cosmos)``.
+    """
+
+    def __init__(self, group=None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, image_features, text_features, cross_image_features, cross_text_features,
+                teacher_image_features, teacher_text_features, logit_scale, distill_logit_scale) -> CosmosLossOutput:
+        clip = multiview_contrastive_loss(image_features, text_features, logit_scale, group=self.group)
+        students = torch.cat([cross_image_features, cross_text_features])
+        teachers = torch.cat([teacher_image_features, teacher_text_features]).detach()
+        cosmos = multiview_contrastive_loss(students, teachers, distill_logit_scale, group=self.group)
+        return CosmosLossOutput(clip + cosmos, clip, cosmos)

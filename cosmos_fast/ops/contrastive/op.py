@@ -1,0 +1,114 @@
+"""The row-direction InfoNCE as ``torch.library`` custom ops with autograd.
+
+``cosmos_fast::infonce_rows`` scores rows [Vr, n, D] against columns [Vc, N, D]
+(plus optional queue columns [K, D]) and returns, for every view pair and row,
+the cross-entropy against its targets, [Vr, Vc, n] fp32. Registering it as a
+custom op keeps ``torch.compile`` from breaking the graph at the kernel, and
+``torch.library.opcheck`` tests the registration. The implementation behind it
+is picked per call by :func:`cosmos_fast._dispatch.select_backend`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..._dispatch import select_backend
+from . import torch_impl
+
+
+def _impl(x: Tensor):
+    if select_backend(x) == "triton":
+        from . import triton_kernels
+
+        return triton_kernels
+    return torch_impl
+
+
+@torch.library.custom_op("cosmos_fast::infonce_rows_fwd", mutates_args=())
+def infonce_rows_fwd(
+    rows: Tensor, cols: Tensor, extra_cols: Optional[Tensor], scale: Tensor, offset: int,
+    t_rows: Optional[Tensor], t_cols: Optional[Tensor], t_scale: Optional[Tensor], alpha: float,
+    soft_mask: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (row_loss [Vr, Vc, n] fp32, row log-sum-exp [Vr, Vc, n] fp32, teacher log-sum-exp [n] or [0])."""
+    return _impl(rows).infonce_rows_fwd(rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha,
+                                        soft_mask)
+
+
+@infonce_rows_fwd.register_fake
+def _(rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask):
+    Vr, n, _ = rows.shape
+    Vc = cols.shape[0]
+    row_loss = rows.new_empty((Vr, Vc, n), dtype=torch.float32)
+    return row_loss, torch.empty_like(row_loss), rows.new_empty((n if t_rows is not None else 0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("cosmos_fast::infonce_rows_bwd", mutates_args=())
+def infonce_rows_bwd(
+    grad: Tensor, rows: Tensor, cols: Tensor, extra_cols: Optional[Tensor], scale: Tensor, offset: int,
+    t_rows: Optional[Tensor], t_cols: Optional[Tensor], t_scale: Optional[Tensor], alpha: float,
+    soft_mask: Optional[Tensor], lse: Tensor, tlse: Tensor, need_rows: bool, need_cols: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (d_rows, d_cols, d_scale); a gradient not asked for comes back as an empty tensor."""
+    d_rows, d_cols, d_scale = _impl(rows).infonce_rows_bwd(
+        grad, rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask, lse, tlse,
+        need_rows, need_cols,
+    )
+    empty = rows.new_empty(0)
+    return (empty if d_rows is None else d_rows), (empty if d_cols is None else d_cols), d_scale
+
+
+@infonce_rows_bwd.register_fake
+def _(grad, rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask, lse, tlse,
+      need_rows, need_cols):
+    return (
+        torch.empty_like(rows) if need_rows else rows.new_empty(0),
+        torch.empty_like(cols) if need_cols else cols.new_empty(0),
+        torch.empty_like(scale),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask = inputs
+    _, lse, tlse = output
+    ctx.save_for_backward(rows, cols, extra_cols, scale, t_rows, t_cols, t_scale, soft_mask, lse, tlse)
+    ctx.offset, ctx.alpha = offset, alpha
+    ctx.mark_non_differentiable(lse, tlse)
+
+
+def _backward(ctx, grad_row_loss, _grad_lse, _grad_tlse):
+    rows, cols, extra_cols, scale, t_rows, t_cols, t_scale, soft_mask, lse, tlse = ctx.saved_tensors
+    need_rows, need_cols, _, need_scale = ctx.needs_input_grad[:4]
+    d_rows, d_cols, d_scale = infonce_rows_bwd(
+        grad_row_loss.contiguous(), rows, cols, extra_cols, scale, ctx.offset, t_rows, t_cols, t_scale, ctx.alpha,
+        soft_mask, lse, tlse, need_rows, need_cols,
+    )
+    return (
+        d_rows if need_rows else None,
+        d_cols if need_cols else None,
+        None,
+        d_scale if need_scale else None,
+        None, None, None, None, None, None,
+    )
+
+
+infonce_rows_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def infonce_rows(rows, cols, scale, *, offset=0, extra_cols=None, teacher=None, alpha=0.0, soft_mask=None) -> Tensor:
+    """Per-row InfoNCE of one direction. No argument checks: the public functions do them.
+
+    rows [Vr, n, D], cols [Vc, N, D] (same dtype), scale 0-d; row i's positive is column ``offset + i``.
+    ``extra_cols`` [K, D] are extra negatives (detached). ``teacher = (t_rows [n, Dt], t_cols [N, Dt], t_scale)``
+    adds soft targets (Vr = Vc = 1). Returns [Vr, Vc, n] fp32.
+    """
+    t_rows = t_cols = t_scale = None
+    if teacher is not None:
+        t_rows, t_cols, t_scale = (t.detach() for t in teacher)
+    row_loss, _, _ = infonce_rows_fwd(
+        rows, cols, None if extra_cols is None else extra_cols.detach(), scale, int(offset),
+        t_rows, t_cols, t_scale, float(alpha), soft_mask,
+    )
+    return row_loss

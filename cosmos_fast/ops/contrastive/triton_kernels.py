@@ -1,0 +1,335 @@
+"""Triton kernels of the row-direction InfoNCE (forward and backward).
+
+The unit of work is one *direction*: rows R [Vr, n, D] scored against columns
+C [Vc, N, D] (plus K extra queue columns X [K, D] without gradient) with the
+scale s. Row i of view pair (vr, vc) has logits z_ij = s R_i . C_j, its positive
+at column ``offset + i``, and soft targets from a teacher (t_ij = st TR_i . TC_j)
+mixed in with weight alpha on masked rows. The symmetric loss is two directions.
+
+Logit tiles live only in SRAM: the forward keeps an online log-sum-exp per row
+(and one for the teacher, with the teacher-weighted logit sum); the backward
+recomputes each tile from the saved log-sum-exp. ``_bwd_rows_kernel`` walks the
+columns of a row block to build dR; ``_bwd_cols_kernel`` walks the rows of a
+column block to build dC, so neither needs atomics. Accumulation is fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._dispatch import triton_interpreted
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b in fp32. Under the Triton interpreter, whose bf16 dot is wrong, the (exact) fp32 upcast
+    of the operands is multiplied instead: the same products, the same fp32 accumulation."""
+    if PRECISION == "interpreter":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_tile(A, B, offs_a, offs_b, n_a, n_b, D,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 [BLOCK_A, BLOCK_B] dot products of rows A[offs_a] with rows B[offs_b] (row length D)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_a = offs_a[:, None] < n_a
+    mask_b = offs_b[:, None] < n_b
+    a_ptrs = A + offs_a[:, None].to(tl.int64) * D + offs_k[None, :]
+    b_ptrs = B + offs_b[:, None].to(tl.int64) * D + offs_k[None, :]
+    for k in range(0, D, BLOCK_K):
+        mask_k = (k + offs_k)[None, :] < D
+        a = tl.load(a_ptrs, mask=mask_a & mask_k, other=0.0)
+        b = tl.load(b_ptrs, mask=mask_b & mask_k, other=0.0)
+        acc = _mma(a, tl.trans(b), acc, PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _online_update(z, t, col_ok, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER: tl.constexpr):
+    """Fold one tile into the running row log-sum-exp (and the teacher's, with its weighted logit sum)."""
+    z_masked = tl.where(col_ok[None, :], z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z_masked, 1))
+    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z_masked - m_new[:, None]), 1)
+    if HAS_TEACHER:
+        t_masked = tl.where(col_ok[None, :], t, float("-inf"))
+        tm_new = tl.maximum(tm_i, tl.max(t_masked, 1))
+        rescale = tl.exp(tm_i - tm_new)
+        p = tl.exp(t_masked - tm_new[:, None])
+        tl_i = tl_i * rescale + tl.sum(p, 1)
+        w_i = w_i * rescale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), 1)
+        tm_i = tm_new
+    return m_new, l_i, tm_i, tl_i, w_i
+
+
+@triton.jit
+def _row_weights(GRAD, MASK, pair, offs_m, row_ok, n, alpha, HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Upstream gradient g of each row, and its split into a one-hot part and a teacher part."""
+    g = tl.load(GRAD + pair * n + offs_m, mask=row_ok, other=0.0)
+    if HAS_TEACHER:
+        a = tl.zeros_like(g) + alpha
+        if HAS_MASK:
+            a = a * tl.load(MASK + offs_m, mask=row_ok, other=0.0)
+        return g, g * (1.0 - a), g * a
+    return g, g, g * 0.0
+
+
+@triton.jit
+def _grad_tile(z, t, offs_n, col_ok, pos, row_ok, lse, tlse, g, hard_w, soft_w, HAS_TEACHER: tl.constexpr):
+    """dL/dz for one tile: g softmax(z) - hard_w onehot(pos) - soft_w softmax(t)."""
+    grad = g[:, None] * tl.exp(z - lse[:, None])
+    grad -= tl.where(offs_n[None, :] == pos[:, None], hard_w[:, None], 0.0)
+    if HAS_TEACHER:
+        grad -= soft_w[:, None] * tl.exp(t - tlse[:, None])
+    return tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, LOSS, LSE, TLSE,
+                n, N, K, D, DT, Vc, offset, alpha,
+                HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pair = tl.program_id(1)
+    R += (pair // Vc).to(tl.int64) * n * D
+    C += (pair % Vc).to(tl.int64) * N * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n
+    pos = offset + offs_m
+    s = tl.load(SCALE).to(tl.float32)
+    ts = tl.load(TSCALE).to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    tm_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    tl_i = tl.zeros((BLOCK_M,), tl.float32)
+    w_i = tl.zeros((BLOCK_M,), tl.float32)
+    z_pos = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        z = s * _dot_tile(R, C, offs_m, offs_n, n, N, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        t = z
+        if HAS_TEACHER:
+            t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        z_pos += tl.sum(tl.where(offs_n[None, :] == pos[:, None], z, 0.0), 1)
+        m_i, l_i, tm_i, tl_i, w_i = _online_update(z, t, offs_n < N, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER)
+    for start in range(0, K, BLOCK_N):  # queue columns; the teacher scores them as they are
+        offs_n = start + tl.arange(0, BLOCK_N)
+        z = s * _dot_tile(R, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        t = z
+        if HAS_TEACHER:
+            t = ts * _dot_tile(TR, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        m_i, l_i, tm_i, tl_i, w_i = _online_update(z, t, offs_n < K, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER)
+    lse = m_i + tl.log(l_i)
+    loss = lse - z_pos
+    if HAS_TEACHER:
+        a = tl.zeros_like(lse) + alpha
+        if HAS_MASK:
+            a = a * tl.load(MASK + offs_m, mask=row_ok, other=0.0)
+        loss = lse - (1.0 - a) * z_pos - a * (w_i / tl_i)
+        if pair == 0:
+            tl.store(TLSE + offs_m, tm_i + tl.log(tl_i), mask=row_ok)
+    tl.store(LOSS + pair * n + offs_m, loss, mask=row_ok)
+    tl.store(LSE + pair * n + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DR, DSCALE,
+                     n, N, K, D, DT, Vc, offset, alpha,
+                     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DR: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    vr = tl.program_id(2)
+    R += vr.to(tl.int64) * n * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n
+    pos = offset + offs_m
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = offs_do < D
+    s = tl.load(SCALE).to(tl.float32)
+    ts = tl.load(TSCALE).to(tl.float32)
+    tlse = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_TEACHER:
+        tlse = tl.load(TLSE + offs_m, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    ds = tl.zeros((BLOCK_M,), tl.float32)
+    for vc in range(0, Vc):
+        pair = vr * Vc + vc
+        Cv = C + tl.cast(vc, tl.int64) * N * D
+        lse = tl.load(LSE + pair * n + offs_m, mask=row_ok, other=0.0)
+        g, hard_w, soft_w = _row_weights(GRAD, MASK, pair, offs_m, row_ok, n, alpha, HAS_TEACHER, HAS_MASK)
+        for start in range(0, N, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < N
+            dots = _dot_tile(R, Cv, offs_m, offs_n, n, N, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            t = dots
+            if HAS_TEACHER:
+                t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            grad = _grad_tile(s * dots, t, offs_n, col_ok, pos, row_ok, lse, tlse, g, hard_w, soft_w, HAS_TEACHER)
+            ds += tl.sum(grad * dots, 1)
+            if COMPUTE_DR:
+                c = tl.load(Cv + offs_n[:, None].to(tl.int64) * D + offs_do[None, :],
+                            mask=col_ok[:, None] & do_ok[None, :], other=0.0)
+                acc = _mma(grad.to(c.dtype), c, acc, PRECISION)
+        for start in range(0, K, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < K
+            dots = _dot_tile(R, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            t = dots
+            if HAS_TEACHER:
+                t = ts * _dot_tile(TR, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            # queue columns never hold the positive: position -1 matches no column
+            grad = _grad_tile(s * dots, t, offs_n, col_ok, pos * 0 - 1, row_ok, lse, tlse, g, hard_w, soft_w,
+                              HAS_TEACHER)
+            ds += tl.sum(grad * dots, 1)
+            if COMPUTE_DR:
+                x = tl.load(X + offs_n[:, None].to(tl.int64) * D + offs_do[None, :],
+                            mask=col_ok[:, None] & do_ok[None, :], other=0.0)
+                acc = _mma(grad.to(x.dtype), x, acc, PRECISION)
+    if COMPUTE_DR:
+        DR += vr.to(tl.int64) * n * D
+        tl.store(DR + offs_m[:, None].to(tl.int64) * D + offs_do[None, :], (s * acc).to(DR.dtype.element_ty),
+                 mask=row_ok[:, None] & do_ok[None, :])
+    if pid_d == 0:
+        tl.store(DSCALE + vr * n + offs_m, ds, mask=row_ok)
+
+
+@triton.jit
+def _bwd_cols_kernel(R, C, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DC,
+                     n, N, D, DT, Vr, Vc, offset, alpha,
+                     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    vc = tl.program_id(2)
+    C += tl.cast(vc, tl.int64) * N * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = offs_do < D
+    s = tl.load(SCALE).to(tl.float32)
+    ts = tl.load(TSCALE).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    for vr in range(0, Vr):
+        pair = vr * Vc + vc
+        Rv = R + tl.cast(vr, tl.int64) * n * D
+        for start in range(0, n, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < n
+            lse = tl.load(LSE + pair * n + offs_m, mask=row_ok, other=0.0)
+            g, hard_w, soft_w = _row_weights(GRAD, MASK, pair, offs_m, row_ok, n, alpha, HAS_TEACHER, HAS_MASK)
+            dots = _dot_tile(Rv, C, offs_m, offs_n, n, N, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            t = dots
+            tlse = lse
+            if HAS_TEACHER:
+                t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                tlse = tl.load(TLSE + offs_m, mask=row_ok, other=0.0)
+            grad = _grad_tile(s * dots, t, offs_n, col_ok, offset + offs_m, row_ok, lse, tlse, g, hard_w, soft_w,
+                              HAS_TEACHER)
+            r = tl.load(Rv + offs_m[:, None].to(tl.int64) * D + offs_do[None, :],
+                        mask=row_ok[:, None] & do_ok[None, :], other=0.0)
+            acc = _mma(tl.trans(grad).to(r.dtype), r, acc, PRECISION)
+    DC += tl.cast(vc, tl.int64) * N * D
+    tl.store(DC + offs_n[:, None].to(tl.int64) * D + offs_do[None, :], (s * acc).to(DC.dtype.element_ty),
+             mask=col_ok[:, None] & do_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+
+def _pow2_at_least_16(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _config(D: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps. ``COSMOS_FAST_CONTRASTIVE_CONFIG="BM,BN,BK,BDO,WARPS,STAGES"`` overrides (tuning)."""
+    override = os.environ.get("COSMOS_FAST_CONTRASTIVE_CONFIG")
+    if override:
+        bm, bn, bk, bdo, warps, stages = (int(v) for v in override.split(","))
+    else:
+        bm, bn, bk, warps, stages = 128, 64, 64, 8, 3
+        bdo = min(_pow2_at_least_16(D), 256)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, _pow2_at_least_16(D)),
+                BLOCK_DO=min(bdo, _pow2_at_least_16(D)), num_warps=warps, num_stages=stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if triton_interpreted():
+        return "interpreter"
+    # fp32 inputs keep fp32 accuracy through three TF32 products; bf16/fp16 ignore it.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _optional(x: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    # Triton wants a pointer in every slot; unused slots get a tensor that is never read.
+    return fallback if x is None else x.contiguous()
+
+
+def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask):
+    rows, cols = rows.contiguous(), cols.contiguous()
+    Vr, n, D = rows.shape
+    Vc, N, _ = cols.shape
+    K = 0 if extra is None else extra.shape[0]
+    teacher = t_rows is not None
+    DT = t_rows.shape[1] if teacher else D
+    cfg = _config(max(D, DT), rows.dtype)
+    row_loss = torch.empty(Vr, Vc, n, dtype=torch.float32, device=rows.device)
+    lse = torch.empty_like(row_loss)
+    tlse = torch.empty(n if teacher else 0, dtype=torch.float32, device=rows.device)
+    scale32 = scale.detach().float().reshape(1)
+    mask = None if soft_mask is None else soft_mask.float()
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), Vr * Vc)
+    _fwd_kernel[grid](
+        rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
+        scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
+        row_loss, lse, _optional(tlse if teacher else None, lse),
+        n, N, K, D, DT, Vc, offset, float(alpha),
+        HAS_TEACHER=teacher, HAS_MASK=mask is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(rows.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return row_loss, lse, tlse
+
+
+def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask,
+                     lse, tlse, need_rows, need_cols):
+    rows, cols, grad = rows.contiguous(), cols.contiguous(), grad.float().contiguous()
+    Vr, n, D = rows.shape
+    Vc, N, _ = cols.shape
+    K = 0 if extra is None else extra.shape[0]
+    teacher = t_rows is not None
+    DT = t_rows.shape[1] if teacher else D
+    cfg = _config(max(D, DT), rows.dtype)
+    scale32 = scale.detach().float().reshape(1)
+    tscale32 = scale32 if t_scale is None else t_scale.detach().float().reshape(1)
+    mask = None if soft_mask is None else soft_mask.float()
+    common = dict(HAS_TEACHER=teacher, HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"], PRECISION=_precision(rows.dtype),
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    d_chunks = triton.cdiv(D, cfg["BLOCK_DO"])
+    # The rows kernel also yields dL/ds (one partial per row), so it runs even when rows need no gradient.
+    d_rows = torch.empty_like(rows) if need_rows else None
+    ds_part = torch.empty(Vr, n, dtype=torch.float32, device=rows.device)
+    _bwd_rows_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), d_chunks if need_rows else 1, Vr)](
+        rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
+        scale32, tscale32, grad, lse, _optional(tlse if teacher else None, lse), _optional(d_rows, rows), ds_part,
+        n, N, K, D, DT, Vc, offset, float(alpha), COMPUTE_DR=need_rows, **common,
+    )
+    d_cols = None
+    if need_cols:
+        d_cols = torch.empty_like(cols)
+        _bwd_cols_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), d_chunks, Vc)](
+            rows, cols, _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
+            scale32, tscale32, grad, lse, _optional(tlse if teacher else None, lse), d_cols,
+            n, N, D, DT, Vr, Vc, offset, float(alpha), **common,
+        )
+    return d_rows, d_cols, ds_part.sum().to(scale.dtype)
