@@ -1,0 +1,149 @@
+"""Contrastive-loss API: argument errors, memory (no N x N buffer), dispatch, torch.library registration."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cosmos_fast
+from cosmos_fast import _dispatch
+from cosmos_fast.ops.contrastive import op, torch_impl
+
+
+def feats(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1).to(dtype)
+
+
+A, B = feats(8, 16, seed=1), feats(8, 16, seed=2)
+TEACHER = (feats(8, 4, seed=3), feats(8, 4, seed=4), torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: cosmos_fast.contrastive_loss(A, feats(9, 16), 1.0), ValueError, "number of rows N"),
+    (lambda: cosmos_fast.contrastive_loss(A, feats(8, 12), 1.0), ValueError, "feature size D"),
+    (lambda: cosmos_fast.contrastive_loss(A.long(), B, 1.0), TypeError, "a must be a floating-point"),
+    (lambda: cosmos_fast.contrastive_loss(A, B.half(), 1.0), TypeError, "b has dtype"),
+    (lambda: cosmos_fast.contrastive_loss(A, B.to("meta"), 1.0), ValueError, "b is on meta"),
+    (lambda: cosmos_fast.contrastive_loss(A[0], B[0], 1.0), ValueError, "a must have 2 dimensions"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, torch.ones(2)), ValueError, "scale must be a scalar"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, "1"), TypeError, "scale must be a 0-d tensor"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=1.5), ValueError, "alpha must be in [0, 1]"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=-0.1), ValueError, "alpha must be in [0, 1]"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, alpha=0.3), ValueError, "alpha > 0 needs soft targets"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER[:2]), TypeError, "teacher must be a tuple"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=(feats(7, 4), feats(7, 4), 1.0), alpha=0.5),
+     ValueError, "teacher features must have N = 8"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=0.5, soft_mask=torch.ones(8)),
+     TypeError, "soft_mask must be a bool tensor"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=0.5, soft_mask=torch.ones(5, dtype=bool)),
+     ValueError, "soft_mask must have shape [8]"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, extra_b=feats(5, 12)), ValueError, "extra_b must have shape [K, 16]"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=0.5, extra_a=feats(5, 16)),
+     ValueError, "its feature size must be D = 16"),
+    (lambda: cosmos_fast.multiview_contrastive_loss(A, B, 1.0), ValueError, "a_views must have 3 dimensions"),
+    (lambda: cosmos_fast.multiview_contrastive_loss(feats(2, 8, 16), feats(3, 7, 16), 1.0),
+     ValueError, "number of rows N"),
+    (lambda: cosmos_fast.nn.ContrastiveLoss(use_horovod=True), ValueError, "use_horovod"),
+])
+def test_bad_input_names_the_argument(call, error, words):
+    with pytest.raises(error, match=None) as info:
+        call()
+    assert words in str(info.value)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("N", [4096, 1024])
+def test_no_n_by_n_buffer(backend, N, monkeypatch):
+    """Every tensor created in forward and backward stays far below N x N elements."""
+    if backend == "triton" and N > 1024:
+        pytest.skip("the interpreter is too slow for this size; the PyTorch path covers it")
+    monkeypatch.setattr(torch_impl, "CHUNK_ELEMENTS", N * N // 16)
+    a, b = feats(N, 32, seed=1).requires_grad_(), feats(N, 32, seed=2).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    with _LargestAllocation() as mode:
+        cosmos_fast.contrastive_loss(a, b, scale).backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    assert mode.largest <= N * N // 16, f"largest tensor has {mode.largest} elements, N x N = {N * N}"
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    assert _dispatch.select_backend(x) == "torch"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    assert _dispatch.select_backend(x) == "torch"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="COSMOS_FAST_BACKEND must be one of"):
+        _dispatch.select_backend(x)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _dispatch.select_backend(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match="Triton kernels take"):
+        _dispatch.select_backend(x.double())
+    assert set(cosmos_fast.backends()) >= {"forced", "triton", "cuda"}
+
+
+def _opcheck_cases():
+    n, N, D = 5, 5, 16
+    rows, cols = feats(1, n, D, seed=1), feats(1, N, D, seed=2)
+    scale = torch.tensor(4.0)
+    yield "hard", (rows, cols, None, scale, 0, None, None, None, 0.0, None)
+    yield "soft+mask+queue", (rows, cols, feats(3, D, seed=3), scale, 0, feats(n, D, seed=4), feats(N, D, seed=5),
+                              torch.tensor(2.0), 0.3, torch.tensor([True, False, True, True, False]))
+    yield "multiview+offset", (feats(2, 3, D, seed=6), feats(3, 6, D, seed=7), None, scale, 3, None, None, None, 0.0,
+                               None)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _opcheck_cases()])
+def test_opcheck(backend, case):
+    args = dict(_opcheck_cases())[case]
+    rows, cols, scale = args[0].requires_grad_(), args[1].requires_grad_(), args[3].requires_grad_()
+    fwd_args = (rows, cols) + args[2:3] + (scale,) + args[4:]
+    torch.library.opcheck(op.infonce_rows_fwd, fwd_args)
+    row_loss, lse, tlse = op.infonce_rows_fwd(*fwd_args)
+    bwd_args = (torch.rand_like(row_loss), rows.detach(), cols.detach()) + args[2:3] + (scale.detach(),) + args[4:] + (
+        lse, tlse, True, True)
+    torch.library.opcheck(op.infonce_rows_bwd, bwd_args)
+
+
+def test_compiles_without_graph_breaks(backend):
+    a, b = feats(6, 16, seed=1).requires_grad_(), feats(6, 16, seed=2).requires_grad_()
+    scale = torch.tensor(5.0, requires_grad=True)
+    loss_fn = cosmos_fast.nn.CosmosLoss()
+
+    def step(a, b, scale):
+        views = torch.stack([a, b])
+        return cosmos_fast.contrastive_loss(a, b, scale) + loss_fn(views, views, views, views, views, views, scale,
+                                                                  scale).total
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(a, b, scale), step(a, b, scale))
+    compiled(a, b, scale).backward()
+    assert a.grad is not None and scale.grad is not None
+
+
+def test_drop_in_for_open_clip_clip_loss():
+    """Same value and output_dict form as open_clip's ClipLoss on one process."""
+    img, txt, scale = feats(10, 16, seed=1), feats(10, 16, seed=2), torch.tensor(14.0)
+    logits = scale * img @ txt.t()
+    labels = torch.arange(10)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    loss_fn = cosmos_fast.nn.ContrastiveLoss()
+    torch.testing.assert_close(loss_fn(img, txt, scale), expected)
+    assert set(loss_fn(img, txt, scale, output_dict=True)) == {"contrastive_loss"}
+    with pytest.raises(ValueError, match="built for rank"):
+        cosmos_fast.nn.ContrastiveLoss(rank=1, world_size=2)(img, txt, scale)
