@@ -120,6 +120,22 @@ def test_opcheck(backend, case):
     torch.library.opcheck(op.infonce_rows_bwd, bwd_args)
 
 
+@pytest.mark.parametrize("with_teacher", [False, True], ids=["hard", "soft"])
+def test_opcheck_symmetric(backend, with_teacher):
+    a, b = feats(2, 5, 16, seed=1).requires_grad_(), feats(3, 5, 16, seed=2).requires_grad_()
+    scale = torch.tensor(4.0, requires_grad=True)
+    teacher = (None, None, None, 0.0, None)
+    if with_teacher:
+        a, b = a[:1].detach().requires_grad_(), b[:1].detach().requires_grad_()
+        teacher = (feats(5, 8, seed=3), feats(5, 8, seed=4), torch.tensor(2.0), 0.5,
+                   torch.tensor([True, False, True, True, False]))
+    torch.library.opcheck(op.infonce_symmetric_fwd, (a, b, scale) + teacher)
+    loss_ab, loss_ba, *stats = op.infonce_symmetric_fwd(a, b, scale, *teacher)
+    bwd_args = (torch.rand_like(loss_ab), torch.rand_like(loss_ba), a.detach(), b.detach(), scale.detach()) + \
+        teacher + tuple(stats) + (True, True)
+    torch.library.opcheck(op.infonce_symmetric_bwd, bwd_args)
+
+
 def test_compiles_without_graph_breaks(backend):
     a, b = feats(6, 16, seed=1).requires_grad_(), feats(6, 16, seed=2).requires_grad_()
     scale = torch.tensor(5.0, requires_grad=True)

@@ -11,7 +11,7 @@ from ..._validation import (
     check_unit_interval,
 )
 from ...distributed import all_gather_no_grad, all_gather_with_grad, world
-from .op import infonce_rows
+from .op import infonce_rows, infonce_symmetric
 
 
 def _check_pair(a_name, a, b_name, b, ndim):
@@ -95,7 +95,12 @@ def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, ex
     extra_a = _check_extra("extra_a", extra_a, a)
     extra_b = _check_extra("extra_b", extra_b, a)
     teacher = _check_teacher(teacher, a, alpha, soft_mask, extra_a is not None or extra_b is not None)
-    rank, _ = world(group)
+    rank, size = world(group)
+    if size == 1 and extra_a is None and extra_b is None:
+        # One square problem: both directions share every logit tile.
+        loss_ab, loss_ba = infonce_symmetric(a[None], b[None], scale, teacher=teacher, alpha=alpha,
+                                             soft_mask=soft_mask)
+        return 0.5 * (loss_ab.mean() + loss_ba.mean())
     n = a.shape[0]
     a_cols = all_gather_with_grad(a, group)
     b_cols = all_gather_with_grad(b, group)
@@ -123,7 +128,10 @@ def multiview_contrastive_loss(a_views, b_views, scale, *, group=None):
     """
     _check_pair("a_views", a_views, "b_views", b_views, 3)
     scale = as_scalar_tensor("scale", scale, a_views)
-    rank, _ = world(group)
+    rank, size = world(group)
+    if size == 1:
+        loss_ab, loss_ba = infonce_symmetric(a_views, b_views, scale)
+        return 0.5 * (loss_ab.mean() + loss_ba.mean())
     a_cols = all_gather_with_grad(a_views, group, dim=1)
     b_cols = all_gather_with_grad(b_views, group, dim=1)
     offset = rank * a_views.shape[1]

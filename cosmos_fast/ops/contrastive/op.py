@@ -97,6 +97,90 @@ def _backward(ctx, grad_row_loss, _grad_lse, _grad_tlse):
 infonce_rows_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("cosmos_fast::infonce_symmetric_fwd", mutates_args=())
+def infonce_symmetric_fwd(
+    a: Tensor, b: Tensor, scale: Tensor, t_a: Optional[Tensor], t_b: Optional[Tensor], t_scale: Optional[Tensor],
+    alpha: float, soft_mask: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Both directions of the square problem a [Va, n, D] vs b [Vb, n, D]: (loss_ab [Va, Vb, n], loss_ba
+    [Vb, Va, n], lse_ab, lse_ba, tlse_ab, tlse_ba). Its backward takes both directions in one pass each."""
+    impl = _impl(a)
+    loss_ab, lse_ab, tlse_ab = impl.infonce_rows_fwd(a, b, None, scale, 0, t_a, t_b, t_scale, alpha, soft_mask)
+    loss_ba, lse_ba, tlse_ba = impl.infonce_rows_fwd(b, a, None, scale, 0, t_b, t_a, t_scale, alpha, soft_mask)
+    return loss_ab, loss_ba, lse_ab, lse_ba, tlse_ab, tlse_ba
+
+
+@infonce_symmetric_fwd.register_fake
+def _(a, b, scale, t_a, t_b, t_scale, alpha, soft_mask):
+    Va, n, _ = a.shape
+    Vb = b.shape[0]
+    loss_ab = a.new_empty((Va, Vb, n), dtype=torch.float32)
+    loss_ba = a.new_empty((Vb, Va, n), dtype=torch.float32)
+    tlse = a.new_empty((n if t_a is not None else 0,), dtype=torch.float32)
+    return loss_ab, loss_ba, torch.empty_like(loss_ab), torch.empty_like(loss_ba), tlse, torch.empty_like(tlse)
+
+
+@torch.library.custom_op("cosmos_fast::infonce_symmetric_bwd", mutates_args=())
+def infonce_symmetric_bwd(
+    grad_ab: Tensor, grad_ba: Tensor, a: Tensor, b: Tensor, scale: Tensor, t_a: Optional[Tensor],
+    t_b: Optional[Tensor], t_scale: Optional[Tensor], alpha: float, soft_mask: Optional[Tensor], lse_ab: Tensor,
+    lse_ba: Tensor, tlse_ab: Tensor, tlse_ba: Tensor, need_a: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (d_a, d_b, d_scale); a gradient not asked for comes back as an empty tensor."""
+    d_a, d_b, d_scale = _impl(a).infonce_symmetric_bwd(
+        grad_ab, grad_ba, a, b, scale, t_a, t_b, t_scale, alpha, soft_mask, lse_ab, lse_ba, tlse_ab, tlse_ba,
+        need_a, need_b,
+    )
+    return (a.new_empty(0) if d_a is None else d_a), (b.new_empty(0) if d_b is None else d_b), d_scale
+
+
+@infonce_symmetric_bwd.register_fake
+def _(grad_ab, grad_ba, a, b, scale, t_a, t_b, t_scale, alpha, soft_mask, lse_ab, lse_ba, tlse_ab, tlse_ba,
+      need_a, need_b):
+    return (
+        torch.empty_like(a) if need_a else a.new_empty(0),
+        torch.empty_like(b) if need_b else b.new_empty(0),
+        torch.empty_like(scale),
+    )
+
+
+def _setup_symmetric_context(ctx, inputs, output):
+    a, b, scale, t_a, t_b, t_scale, alpha, soft_mask = inputs
+    _, _, lse_ab, lse_ba, tlse_ab, tlse_ba = output
+    ctx.save_for_backward(a, b, scale, t_a, t_b, t_scale, soft_mask, lse_ab, lse_ba, tlse_ab, tlse_ba)
+    ctx.alpha = alpha
+    ctx.mark_non_differentiable(lse_ab, lse_ba, tlse_ab, tlse_ba)
+
+
+def _symmetric_backward(ctx, grad_ab, grad_ba, *_stats_grads):
+    a, b, scale, t_a, t_b, t_scale, soft_mask, lse_ab, lse_ba, tlse_ab, tlse_ba = ctx.saved_tensors
+    need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+    d_a, d_b, d_scale = infonce_symmetric_bwd(
+        grad_ab.contiguous(), grad_ba.contiguous(), a, b, scale, t_a, t_b, t_scale, ctx.alpha, soft_mask,
+        lse_ab, lse_ba, tlse_ab, tlse_ba, need_a, need_b,
+    )
+    return (d_a if need_a else None), (d_b if need_b else None), (d_scale if need_scale else None), \
+        None, None, None, None, None
+
+
+infonce_symmetric_fwd.register_autograd(_symmetric_backward, setup_context=_setup_symmetric_context)
+
+
+def _detached_teacher(teacher):
+    return (None, None, None) if teacher is None else tuple(t.detach() for t in teacher)
+
+
+def infonce_symmetric(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None) -> tuple[Tensor, Tensor]:
+    """Per-row InfoNCE of both directions of a square problem (one process, no queues). No argument checks.
+
+    a [Va, n, D], b [Vb, n, D]; row i's positive is row i of the other side. ``teacher = (t_a [n, Dt],
+    t_b [n, Dt], t_scale)`` adds soft targets (Va = Vb = 1). Returns (loss_ab [Va, Vb, n], loss_ba [Vb, Va, n]).
+    """
+    t_a, t_b, t_scale = _detached_teacher(teacher)
+    loss_ab, loss_ba, *_ = infonce_symmetric_fwd(a, b, scale, t_a, t_b, t_scale, float(alpha), soft_mask)
+    return loss_ab, loss_ba
+
+
 def infonce_rows(rows, cols, scale, *, offset=0, extra_cols=None, teacher=None, alpha=0.0, soft_mask=None) -> Tensor:
     """Per-row InfoNCE of one direction. No argument checks: the public functions do them.
 
@@ -104,9 +188,7 @@ def infonce_rows(rows, cols, scale, *, offset=0, extra_cols=None, teacher=None, 
     ``extra_cols`` [K, D] are extra negatives (detached). ``teacher = (t_rows [n, Dt], t_cols [N, Dt], t_scale)``
     adds soft targets (Vr = Vc = 1). Returns [Vr, Vc, n] fp32.
     """
-    t_rows = t_cols = t_scale = None
-    if teacher is not None:
-        t_rows, t_cols, t_scale = (t.detach() for t in teacher)
+    t_rows, t_cols, t_scale = _detached_teacher(teacher)
     row_loss, _, _ = infonce_rows_fwd(
         rows, cols, None if extra_cols is None else extra_cols.detach(), scale, int(offset),
         t_rows, t_cols, t_scale, float(alpha), soft_mask,

@@ -123,3 +123,13 @@ def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_s
         d_scale.to(scale.dtype),
     )
 
+
+
+def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha, soft_mask, lse_ab, lse_ba,
+                          tlse_ab, tlse_ba, need_a, need_b):
+    """Both directions of a square problem: the sum of the two directions' row and column gradients."""
+    da_rows, db_cols, ds_ab = infonce_rows_bwd(grad_ab, a, b, None, scale, 0, ta, tb, t_scale, alpha, soft_mask,
+                                               lse_ab, tlse_ab, need_a, need_b)
+    db_rows, da_cols, ds_ba = infonce_rows_bwd(grad_ba, b, a, None, scale, 0, tb, ta, t_scale, alpha, soft_mask,
+                                               lse_ba, tlse_ba, need_b, need_a)
+    return (da_rows + da_cols if need_a else None), (db_rows + db_cols if need_b else None), ds_ab + ds_ba

@@ -82,13 +82,15 @@ def _row_weights(GRAD, MASK, pair, offs_m, row_ok, n, alpha, HAS_TEACHER: tl.con
 
 
 @triton.jit
-def _grad_tile(z, t, offs_n, col_ok, pos, row_ok, lse, tlse, g, hard_w, soft_w, HAS_TEACHER: tl.constexpr):
-    """dL/dz for one tile: g softmax(z) - hard_w onehot(pos) - soft_w softmax(t)."""
-    grad = g[:, None] * tl.exp(z - lse[:, None])
-    grad -= tl.where(offs_n[None, :] == pos[:, None], hard_w[:, None], 0.0)
+def _grad_tile(z, t, is_pos, lse, tlse, g, hard_w, soft_w, HAS_TEACHER: tl.constexpr):
+    """dL/dz of one tile: g softmax(z) - hard_w onehot - soft_w softmax(t).
+
+    The per-row vectors arrive broadcast to the tile: [:, None] for this direction's rows, [None, :] for the
+    partner direction, whose rows are this tile's columns."""
+    grad = g * tl.exp(z - lse) - tl.where(is_pos, hard_w, 0.0)
     if HAS_TEACHER:
-        grad -= soft_w[:, None] * tl.exp(t - tlse[:, None])
-    return tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+        grad -= soft_w * tl.exp(t - tlse)
+    return grad
 
 
 @triton.jit
@@ -140,11 +142,13 @@ def _fwd_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, LOSS, LSE, TLSE,
 
 
 @triton.jit
-def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DR, DSCALE,
-                     n, N, K, D, DT, Vc, offset, alpha,
-                     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
+def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, P_GRAD, P_LSE, P_TLSE, DR, DSCALE,
+                     n, N, K, D, DT, Vr, Vc, offset, alpha,
+                     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, SYMMETRIC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DR: tl.constexpr):
+    """dR (and per-row dL/ds partials). SYMMETRIC: the columns' own direction (P_* stats, its rows are our
+    columns, its logits our tile transposed) adds its gradient too, so one pass serves both directions."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     vr = tl.program_id(2)
@@ -173,7 +177,20 @@ def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DR, 
             t = dots
             if HAS_TEACHER:
                 t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-            grad = _grad_tile(s * dots, t, offs_n, col_ok, pos, row_ok, lse, tlse, g, hard_w, soft_w, HAS_TEACHER)
+            z = s * dots
+            is_pos = offs_n[None, :] == pos[:, None]
+            grad = _grad_tile(z, t, is_pos, lse[:, None], tlse[:, None], g[:, None], hard_w[:, None],
+                              soft_w[:, None], HAS_TEACHER)
+            if SYMMETRIC:
+                ppair = vc * Vr + vr
+                pg, phard, psoft = _row_weights(P_GRAD, MASK, ppair, offs_n, col_ok, N, alpha, HAS_TEACHER, HAS_MASK)
+                plse = tl.load(P_LSE + ppair * N + offs_n, mask=col_ok, other=0.0)
+                ptlse = plse
+                if HAS_TEACHER:
+                    ptlse = tl.load(P_TLSE + offs_n, mask=col_ok, other=0.0)
+                grad += _grad_tile(z, t, is_pos, plse[None, :], ptlse[None, :], pg[None, :], phard[None, :],
+                                   psoft[None, :], HAS_TEACHER)
+            grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
             ds += tl.sum(grad * dots, 1)
             if COMPUTE_DR:
                 c = tl.load(Cv + offs_n[:, None].to(tl.int64) * D + offs_do[None, :],
@@ -186,9 +203,10 @@ def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DR, 
             t = dots
             if HAS_TEACHER:
                 t = ts * _dot_tile(TR, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-            # queue columns never hold the positive: position -1 matches no column
-            grad = _grad_tile(s * dots, t, offs_n, col_ok, pos * 0 - 1, row_ok, lse, tlse, g, hard_w, soft_w,
-                              HAS_TEACHER)
+            # queue columns hold no positive
+            grad = _grad_tile(s * dots, t, offs_n[None, :] < 0, lse[:, None], tlse[:, None], g[:, None],
+                              hard_w[:, None], soft_w[:, None], HAS_TEACHER)
+            grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
             ds += tl.sum(grad * dots, 1)
             if COMPUTE_DR:
                 x = tl.load(X + offs_n[:, None].to(tl.int64) * D + offs_do[None, :],
@@ -233,8 +251,10 @@ def _bwd_cols_kernel(R, C, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DC,
             if HAS_TEACHER:
                 t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
                 tlse = tl.load(TLSE + offs_m, mask=row_ok, other=0.0)
-            grad = _grad_tile(s * dots, t, offs_n, col_ok, offset + offs_m, row_ok, lse, tlse, g, hard_w, soft_w,
-                              HAS_TEACHER)
+            is_pos = offs_n[None, :] == (offset + offs_m)[:, None]
+            grad = _grad_tile(s * dots, t, is_pos, lse[:, None], tlse[:, None], g[:, None], hard_w[:, None],
+                              soft_w[:, None], HAS_TEACHER)
+            grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
             r = tl.load(Rv + offs_m[:, None].to(tl.int64) * D + offs_do[None, :],
                         mask=row_ok[:, None] & do_ok[None, :], other=0.0)
             acc = _mma(tl.trans(grad).to(r.dtype), r, acc, PRECISION)
@@ -250,19 +270,31 @@ def _pow2_at_least_16(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _config(D: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and warps. ``COSMOS_FAST_CONTRASTIVE_CONFIG="BM,BN,BK,BDO,WARPS,STAGES"`` overrides (tuning)."""
+# (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps, num_stages) per kernel and operand width in bytes.
+# fp32 tiles are halved: at the 16-bit sizes the backward needs more shared memory than an H100 has.
+DEFAULT_CONFIGS = {
+    ("fwd", 2): (128, 64, 64, 0, 8, 3),
+    ("bwd", 2): (128, 64, 64, 256, 8, 3),
+    ("fwd", 4): (64, 64, 32, 0, 4, 2),
+    ("bwd", 4): (64, 64, 32, 128, 4, 2),
+}
+INTERPRETER_CONFIG = (128, 128, 512, 512, 4, 1)  # the interpreter pays per tile step, not per flop
+
+
+def _config(kind: str, D: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps for kernel ``kind`` ("fwd" or "bwd").
+
+    ``COSMOS_FAST_CONTRASTIVE_CONFIG="BM,BN,BK,BDO,WARPS,STAGES"`` overrides every kernel (tests, tuning)."""
     override = os.environ.get("COSMOS_FAST_CONTRASTIVE_CONFIG")
     if override:
         bm, bn, bk, bdo, warps, stages = (int(v) for v in override.split(","))
     elif triton_interpreted():
-        # The interpreter pays per tile step, not per flop: few, large tiles.
-        bm, bn, bk, bdo, warps, stages = 128, 128, 512, 512, 4, 1
+        bm, bn, bk, bdo, warps, stages = INTERPRETER_CONFIG
     else:
-        bm, bn, bk, warps, stages = 128, 64, 64, 8, 3
-        bdo = min(_pow2_at_least_16(D), 256)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, _pow2_at_least_16(D)),
-                BLOCK_DO=min(bdo, _pow2_at_least_16(D)), num_warps=warps, num_stages=stages)
+        bm, bn, bk, bdo, warps, stages = DEFAULT_CONFIGS[kind, 4 if dtype == torch.float32 else 2]
+    d_pow2 = _pow2_at_least_16(D)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, d_pow2), BLOCK_DO=min(bdo or d_pow2, d_pow2),
+                num_warps=warps, num_stages=stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -284,7 +316,7 @@ def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, 
     K = 0 if extra is None else extra.shape[0]
     teacher = t_rows is not None
     DT = t_rows.shape[1] if teacher else D
-    cfg = _config(max(D, DT), rows.dtype)
+    cfg = _config("fwd", max(D, DT), rows.dtype)
     row_loss = torch.empty(Vr, Vc, n, dtype=torch.float32, device=rows.device)
     lse = torch.empty_like(row_loss)
     tlse = torch.empty(n if teacher else 0, dtype=torch.float32, device=rows.device)
@@ -303,36 +335,74 @@ def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, 
     return row_loss, lse, tlse
 
 
+def _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse, tlse,
+              partner, compute_dr):
+    """Launch the rows kernel: (d_rows or None, per-row dL/ds partials). ``partner`` = (grad, lse, tlse) of the
+    direction whose rows are these columns (symmetric pass), or None."""
+    Vr, n, D = rows.shape
+    Vc, N, _ = cols.shape
+    teacher = t_rows is not None
+    DT = t_rows.shape[1] if teacher else D
+    cfg = _config("bwd", max(D, DT), rows.dtype)
+    scale32 = scale.detach().float().reshape(1)
+    d_rows = torch.empty_like(rows) if compute_dr else None
+    ds_part = torch.empty(Vr, n, dtype=torch.float32, device=rows.device)
+    p_grad, p_lse, p_tlse = partner if partner is not None else (grad, lse, tlse)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]) if compute_dr else 1, Vr)
+    _bwd_rows_kernel[grid](
+        rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
+        scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
+        grad, lse, _optional(tlse if teacher else None, lse),
+        p_grad, p_lse, _optional(p_tlse if teacher else None, lse),
+        _optional(d_rows, rows), ds_part,
+        n, N, 0 if extra is None else extra.shape[0], D, DT, Vr, Vc, offset, float(alpha),
+        HAS_TEACHER=teacher, HAS_MASK=mask is not None, SYMMETRIC=partner is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"],
+        PRECISION=_precision(rows.dtype), COMPUTE_DR=compute_dr,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return d_rows, ds_part
+
+
 def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask,
                      lse, tlse, need_rows, need_cols):
     rows, cols, grad = rows.contiguous(), cols.contiguous(), grad.float().contiguous()
-    Vr, n, D = rows.shape
-    Vc, N, _ = cols.shape
-    K = 0 if extra is None else extra.shape[0]
-    teacher = t_rows is not None
-    DT = t_rows.shape[1] if teacher else D
-    cfg = _config(max(D, DT), rows.dtype)
-    scale32 = scale.detach().float().reshape(1)
-    tscale32 = scale32 if t_scale is None else t_scale.detach().float().reshape(1)
     mask = None if soft_mask is None else soft_mask.float()
-    common = dict(HAS_TEACHER=teacher, HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"], PRECISION=_precision(rows.dtype),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    d_chunks = triton.cdiv(D, cfg["BLOCK_DO"])
-    # The rows kernel also yields dL/ds (one partial per row), so it runs even when rows need no gradient.
-    d_rows = torch.empty_like(rows) if need_rows else None
-    ds_part = torch.empty(Vr, n, dtype=torch.float32, device=rows.device)
-    _bwd_rows_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), d_chunks if need_rows else 1, Vr)](
-        rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
-        scale32, tscale32, grad, lse, _optional(tlse if teacher else None, lse), _optional(d_rows, rows), ds_part,
-        n, N, K, D, DT, Vc, offset, float(alpha), COMPUTE_DR=need_rows, **common,
-    )
+    # The rows kernel also yields dL/ds, so it runs even when the rows need no gradient.
+    d_rows, ds_part = _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse,
+                                tlse, None, need_rows)
     d_cols = None
     if need_cols:
+        Vr, n, D = rows.shape
+        Vc, N, _ = cols.shape
+        teacher = t_rows is not None
+        DT = t_rows.shape[1] if teacher else D
+        cfg = _config("bwd", max(D, DT), rows.dtype)
+        scale32 = scale.detach().float().reshape(1)
         d_cols = torch.empty_like(cols)
-        _bwd_cols_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), d_chunks, Vc)](
+        _bwd_cols_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DO"]), Vc)](
             rows, cols, _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
-            scale32, tscale32, grad, lse, _optional(tlse if teacher else None, lse), d_cols,
-            n, N, D, DT, Vr, Vc, offset, float(alpha), **common,
+            scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
+            grad, lse, _optional(tlse if teacher else None, lse), d_cols,
+            n, N, D, DT, Vr, Vc, offset, float(alpha),
+            HAS_TEACHER=teacher, HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"], PRECISION=_precision(rows.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return d_rows, d_cols, ds_part.sum().to(scale.dtype)
+
+
+def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha, soft_mask, lse_ab, lse_ba,
+                          tlse_ab, tlse_ba, need_a, need_b):
+    """Both directions of a square (single-process, queue-free) problem in two passes instead of four: the
+    logits of b -> a are those of a -> b transposed, so each pass adds both directions' gradients per tile."""
+    a, b = a.contiguous(), b.contiguous()
+    grad_ab, grad_ba = grad_ab.float().contiguous(), grad_ba.float().contiguous()
+    mask = None if soft_mask is None else soft_mask.float()
+    d_a, ds_part = _rows_bwd(a, b, None, scale, 0, ta, tb, t_scale, alpha, mask, grad_ab, lse_ab, tlse_ab,
+                             (grad_ba, lse_ba, tlse_ba), need_a)
+    d_b = None
+    if need_b:
+        d_b, _ = _rows_bwd(b, a, None, scale, 0, tb, ta, t_scale, alpha, mask, grad_ba, lse_ba, tlse_ba,
+                           (grad_ab, lse_ab, tlse_ab), True)
+    return d_a, d_b, ds_part.sum().to(scale.dtype)

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The one command for a short GPU session (no registry access needed): environment, editable install,
+# the GPU tests, every benchmarks/bench_*.py, and a summary table of the results this run wrote.
+#
+# Usage: bash benchmarks/run_gpu.sh [--quick]    (extra arguments are passed to every benchmark)
+#
+# With $OUT set, $OUT receives at most 8 flat files: run_gpu.log (everything printed), results.json (every
+# results record of this run, keyed by benchmark name) and the benchmark figures. A failing step does not
+# stop the run; the exit status is non-zero at the end if any step failed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1  # keep the log in the order things happened
+RESULTS_DIR="${COSMOS_FAST_RESULTS_DIR:-benchmarks/results}"
+MAX_OUT_FILES=8
+LOG_DIR="${OUT:-$RESULTS_DIR}"
+mkdir -p "$LOG_DIR" "$RESULTS_DIR"
+MARKER="$(mktemp)"  # results files newer than this one were written by this run
+trap 'rm -f "$MARKER"' EXIT
+
+main() {
+    local failed=() rc bench
+
+    echo "== environment"
+    nvidia-smi || echo "nvidia-smi: not available"
+    python - <<'EOF'
+import platform
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = "not installed"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"available: {torch.cuda.is_available()}), triton {triton_version}")
+EOF
+
+    echo "== install"
+    # Offline: the build uses the setuptools already installed (PEP 660 editable install, no index).
+    local pip_log
+    pip_log="$(mktemp)"
+    if python -m pip install --no-deps --no-build-isolation --no-index --use-pep517 -e . >"$pip_log" 2>&1; then
+        echo "installed cosmos_fast (editable)"
+    else
+        tail -n 5 "$pip_log"
+        echo "pip install -e . failed: importing cosmos_fast from the checkout through PYTHONPATH"
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    rm -f "$pip_log"
+
+    echo "== GPU tests"
+    rc=0
+    COSMOS_FAST_GPU_TESTS=1 python -m pytest -q tests -m gpu || rc=$?
+    case "$rc" in
+        0) ;;
+        5) echo "no tests marked gpu were collected" ;;
+        *) failed+=("GPU tests (pytest exit $rc)") ;;
+    esac
+
+    for bench in benchmarks/bench_*.py; do
+        echo "== $bench $*"
+        rc=0
+        python "$bench" "$@" || rc=$?
+        if [[ "$rc" -ne 0 ]]; then
+            failed+=("$bench (exit $rc)")
+        fi
+    done
+
+    echo "== summary"
+    local results=() figures=() summarize_args=()
+    mapfile -t results < <(find "$RESULTS_DIR" -maxdepth 1 -name '*.json' -newer "$MARKER" | sort)
+    mapfile -t figures < <(find "$RESULTS_DIR" -maxdepth 1 -name '*.png' -newer "$MARKER" | sort)
+    if [[ -n "${OUT:-}" ]]; then
+        summarize_args+=(--combine "$OUT/results.json")
+    fi
+    if ((${#results[@]})); then
+        rc=0
+        python benchmarks/summarize.py "${summarize_args[@]}" "${results[@]}" || rc=$?
+        if [[ "$rc" -ne 0 ]]; then
+            failed+=("summary (exit $rc)")
+        fi
+    else
+        echo "no benchmark wrote results in this run"
+    fi
+    if [[ -n "${OUT:-}" ]]; then
+        # run_gpu.log and results.json are two of the files $OUT may hold.
+        local room=$((MAX_OUT_FILES - 2)) figure
+        for figure in "${figures[@]}"; do
+            if ((room > 0)); then
+                cp "$figure" "$OUT/"
+                room=$((room - 1))
+            else
+                echo "not copied to \$OUT (at most $MAX_OUT_FILES files): $figure"
+            fi
+        done
+    fi
+
+    if ((${#failed[@]})); then
+        echo "FAILED:"
+        printf '  %s\n' "${failed[@]}"
+        return 1
+    fi
+    echo "all steps passed"
+}
+
+main "$@" 2>&1 | tee "$LOG_DIR/run_gpu.log"

@@ -1,0 +1,62 @@
+"""One compact table from benchmark results files (the JSON that ``common.save_results`` writes).
+
+Usage: python benchmarks/summarize.py [--combine OUT.json] [RESULTS.json ...]
+With no files it reads every ``*.json`` in the results folder. ``--combine`` also writes all the records into
+one JSON file keyed by benchmark name (``run_gpu.sh`` uses it to hand back few files).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import print_table, results_dir
+
+COLUMNS = ["bench", "case", "impl", "dtype", "N", "ms", ("peak_gib", "GiB"), "goal", "met", "status"]
+
+
+def load(paths: list[Path]) -> dict[str, dict]:
+    records = {}
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"{path}: unreadable ({exc})")
+            continue
+        records[record.get("name", path.stem)] = record
+    return records
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path, help="results JSON files (default: all in the results folder)")
+    parser.add_argument("--combine", type=Path, help="also write every record into this one JSON file")
+    args = parser.parse_args()
+    records = load(args.files or sorted(results_dir().glob("*.json")))
+    if not records:
+        print("no benchmark results")
+        return 0
+    if args.combine:
+        args.combine.write_text(json.dumps(records, indent=2) + "\n")
+
+    env = next(iter(records.values())).get("environment", {})
+    print(f"{env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  commit {env.get('git_commit')}")
+    for name, record in records.items():
+        for check in record.get("checks", []):
+            verdict = "ok" if check.get("passed") else "FAILED"
+            errors = check.get("errors") or {}
+            detail = (f"largest relative error {max(errors.values()):.2e}" if errors
+                      else check.get("error", "no errors recorded"))
+            print(f"check {name} {check.get('case')} {check.get('dtype')} N={check.get('N')}: {verdict} "
+                  f"({detail}; tolerance {check.get('tolerance')})")
+        for note in record.get("notes", []):
+            print(f"note {name}: {note}")
+    rows = [{"bench": name, **row} for name, record in records.items() for row in record.get("rows", [])]
+    print()
+    print_table(rows, COLUMNS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
