@@ -6,7 +6,8 @@ plus a small floor; fp32 must stay far under 1e-4; NaN or Inf never passes.
 """
 import torch
 
-FLOOR = {"fwd": 1e-6, "grad": 2e-6}
+# Absolute floors, for errors against references that are (near) zero, e.g. the zero gradients of N = 1.
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 5e-5, torch.float16: 5e-5}
 FP32_LIMIT = 1e-5
 
 
@@ -45,7 +46,7 @@ def assert_accurate(fast, naive, leaves64, dtype, names):
     for kind, name, f, nv, r in checks:
         err, budget_base = rel_err(f, r), rel_err(nv, r)
         factor = 2.0 if kind == "fwd" else 3.0
-        budget = factor * budget_base + FLOOR[kind]
+        budget = factor * budget_base + FLOOR[dtype]
         report.append(f"{name}: {err:.2e} (naive {budget_base:.2e})")
         assert err <= budget, f"{name}: error {err:.3e} > budget {budget:.3e}; " + "; ".join(report)
         if dtype == torch.float32:

@@ -142,13 +142,12 @@ def _fwd_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, LOSS, LSE, TLSE,
 
 
 @triton.jit
-def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, P_GRAD, P_LSE, P_TLSE, DR, DSCALE,
-                     n, N, K, D, DT, Vr, Vc, offset, alpha,
-                     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, SYMMETRIC: tl.constexpr,
+def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DR, DSCALE,
+                     n, N, K, D, DT, Vc, offset, alpha,
+                     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DR: tl.constexpr):
-    """dR (and per-row dL/ds partials). SYMMETRIC: the columns' own direction (P_* stats, its rows are our
-    columns, its logits our tile transposed) adds its gradient too, so one pass serves both directions."""
+    """dR of one direction (skipped unless COMPUTE_DR) and per-row partials of dL/ds."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     vr = tl.program_id(2)
@@ -177,19 +176,8 @@ def _bwd_rows_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, P_GR
             t = dots
             if HAS_TEACHER:
                 t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-            z = s * dots
-            is_pos = offs_n[None, :] == pos[:, None]
-            grad = _grad_tile(z, t, is_pos, lse[:, None], tlse[:, None], g[:, None], hard_w[:, None],
-                              soft_w[:, None], HAS_TEACHER)
-            if SYMMETRIC:
-                ppair = vc * Vr + vr
-                pg, phard, psoft = _row_weights(P_GRAD, MASK, ppair, offs_n, col_ok, N, alpha, HAS_TEACHER, HAS_MASK)
-                plse = tl.load(P_LSE + ppair * N + offs_n, mask=col_ok, other=0.0)
-                ptlse = plse
-                if HAS_TEACHER:
-                    ptlse = tl.load(P_TLSE + offs_n, mask=col_ok, other=0.0)
-                grad += _grad_tile(z, t, is_pos, plse[None, :], ptlse[None, :], pg[None, :], phard[None, :],
-                                   psoft[None, :], HAS_TEACHER)
+            grad = _grad_tile(s * dots, t, offs_n[None, :] == pos[:, None], lse[:, None], tlse[:, None], g[:, None],
+                              hard_w[:, None], soft_w[:, None], HAS_TEACHER)
             grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
             ds += tl.sum(grad * dots, 1)
             if COMPUTE_DR:
@@ -263,6 +251,54 @@ def _bwd_cols_kernel(R, C, TR, TC, MASK, SCALE, TSCALE, GRAD, LSE, TLSE, DC,
              mask=col_ok[:, None] & do_ok[None, :])
 
 
+@triton.jit
+def _symmetric_grad_kernel(A, B, TA, TB, MASK, SCALE, TSCALE, GRAD_AB, LSE_AB, TLSE_AB, GRAD_BA, LSE_BA, TLSE_BA,
+                           G, DSCALE, row_start, row_stop, n, D, DT, Va, Vb, va, vb, alpha,
+                           HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """dL/dz of the square problem for rows row_start:row_stop of view pair (va, vb), into G [rows, n].
+
+    z = s a b^T serves both directions: a -> b reads it by rows (stats indexed by i), b -> a by columns (stats
+    indexed by j), so each tile holds the sum of both directions' gradients. Also writes sum(G * a b^T) per tile
+    (dL/ds) at DSCALE[row block, column block]."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = row_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < row_stop
+    col_ok = offs_n < n
+    A += tl.cast(va, tl.int64) * n * D
+    B += tl.cast(vb, tl.int64) * n * D
+    s = tl.load(SCALE).to(tl.float32)
+    dots = _dot_tile(A, B, offs_m, offs_n, row_stop, n, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    z = s * dots
+    t = z
+    tlse = tl.zeros((BLOCK_M,), tl.float32)
+    ptlse = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_TEACHER:
+        t = tl.load(TSCALE).to(tl.float32) * _dot_tile(TA, TB, offs_m, offs_n, row_stop, n, DT,
+                                                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        tlse = tl.load(TLSE_AB + offs_m, mask=row_ok, other=0.0)
+        ptlse = tl.load(TLSE_BA + offs_n, mask=col_ok, other=0.0)
+    pair_ab = va * Vb + vb
+    pair_ba = vb * Va + va
+    g, hard_w, soft_w = _row_weights(GRAD_AB, MASK, pair_ab, offs_m, row_ok, n, alpha, HAS_TEACHER, HAS_MASK)
+    pg, phard_w, psoft_w = _row_weights(GRAD_BA, MASK, pair_ba, offs_n, col_ok, n, alpha, HAS_TEACHER, HAS_MASK)
+    lse = tl.load(LSE_AB + pair_ab * n + offs_m, mask=row_ok, other=0.0)
+    plse = tl.load(LSE_BA + pair_ba * n + offs_n, mask=col_ok, other=0.0)
+    is_pos = offs_n[None, :] == offs_m[:, None]
+    grad = _grad_tile(z, t, is_pos, lse[:, None], tlse[:, None], g[:, None], hard_w[:, None], soft_w[:, None],
+                      HAS_TEACHER)
+    grad += _grad_tile(z, t, is_pos, plse[None, :], ptlse[None, :], pg[None, :], phard_w[None, :],
+                       psoft_w[None, :], HAS_TEACHER)
+    grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
+    local = offs_m - row_start
+    tl.store(G + local[:, None].to(tl.int64) * n + offs_n[None, :], grad.to(G.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(DSCALE + (row_start // BLOCK_M + pid_m) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(grad * dots, 1), 0))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration
 
@@ -273,7 +309,7 @@ def _pow2_at_least_16(x: int) -> int:
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps, num_stages) per kernel and operand width in bytes.
 # fp32 tiles are halved: at the 16-bit sizes the backward needs more shared memory than an H100 has.
 DEFAULT_CONFIGS = {
-    ("fwd", 2): (128, 64, 64, 0, 8, 3),
+    ("fwd", 2): (128, 128, 64, 0, 8, 4),
     ("bwd", 2): (128, 64, 64, 256, 8, 3),
     ("fwd", 4): (64, 64, 32, 0, 4, 2),
     ("bwd", 4): (64, 64, 32, 128, 4, 2),
@@ -335,10 +371,8 @@ def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, 
     return row_loss, lse, tlse
 
 
-def _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse, tlse,
-              partner, compute_dr):
-    """Launch the rows kernel: (d_rows or None, per-row dL/ds partials). ``partner`` = (grad, lse, tlse) of the
-    direction whose rows are these columns (symmetric pass), or None."""
+def _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse, tlse, compute_dr):
+    """Launch the rows kernel: (d_rows or None, per-row dL/ds partials)."""
     Vr, n, D = rows.shape
     Vc, N, _ = cols.shape
     teacher = t_rows is not None
@@ -347,16 +381,13 @@ def _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, 
     scale32 = scale.detach().float().reshape(1)
     d_rows = torch.empty_like(rows) if compute_dr else None
     ds_part = torch.empty(Vr, n, dtype=torch.float32, device=rows.device)
-    p_grad, p_lse, p_tlse = partner if partner is not None else (grad, lse, tlse)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]) if compute_dr else 1, Vr)
     _bwd_rows_kernel[grid](
         rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
         scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
-        grad, lse, _optional(tlse if teacher else None, lse),
-        p_grad, p_lse, _optional(p_tlse if teacher else None, lse),
-        _optional(d_rows, rows), ds_part,
-        n, N, 0 if extra is None else extra.shape[0], D, DT, Vr, Vc, offset, float(alpha),
-        HAS_TEACHER=teacher, HAS_MASK=mask is not None, SYMMETRIC=partner is not None,
+        grad, lse, _optional(tlse if teacher else None, lse), _optional(d_rows, rows), ds_part,
+        n, N, 0 if extra is None else extra.shape[0], D, DT, Vc, offset, float(alpha),
+        HAS_TEACHER=teacher, HAS_MASK=mask is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"],
         PRECISION=_precision(rows.dtype), COMPUTE_DR=compute_dr,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -370,7 +401,7 @@ def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_s
     mask = None if soft_mask is None else soft_mask.float()
     # The rows kernel also yields dL/ds, so it runs even when the rows need no gradient.
     d_rows, ds_part = _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse,
-                                tlse, None, need_rows)
+                                tlse, need_rows)
     d_cols = None
     if need_cols:
         Vr, n, D = rows.shape
@@ -392,17 +423,64 @@ def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_s
     return d_rows, d_cols, ds_part.sum().to(scale.dtype)
 
 
+# Rows of the gradient block that one pass of the symmetric backward materialises: at least 1024 (so that
+# the matrix products stay efficient), else as many as fit in 16 Mi elements (32 MiB in bf16).
+G_BLOCK_ELEMENTS = 1 << 24
+G_BLOCK_MIN_ROWS = 1024
+
+
 def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha, soft_mask, lse_ab, lse_ba,
                           tlse_ab, tlse_ba, need_a, need_b):
-    """Both directions of a square (single-process, queue-free) problem in two passes instead of four: the
-    logits of b -> a are those of a -> b transposed, so each pass adds both directions' gradients per tile."""
+    """Both directions of the square problem (one process, no queues), three matrix passes per view pair.
+
+    For each view pair and block of rows, one kernel recomputes the logits and writes the block of dL/dz
+    (both directions summed, in the input dtype); two cuBLAS products turn it into dA and dB. The block is
+    bounded (``G_BLOCK_*``), so memory stays O(block x n + n D)."""
     a, b = a.contiguous(), b.contiguous()
     grad_ab, grad_ba = grad_ab.float().contiguous(), grad_ba.float().contiguous()
     mask = None if soft_mask is None else soft_mask.float()
-    d_a, ds_part = _rows_bwd(a, b, None, scale, 0, ta, tb, t_scale, alpha, mask, grad_ab, lse_ab, tlse_ab,
-                             (grad_ba, lse_ba, tlse_ba), need_a)
-    d_b = None
-    if need_b:
-        d_b, _ = _rows_bwd(b, a, None, scale, 0, tb, ta, t_scale, alpha, mask, grad_ba, lse_ba, tlse_ba,
-                           (grad_ab, lse_ab, tlse_ab), True)
-    return d_a, d_b, ds_part.sum().to(scale.dtype)
+    Va, n, D = a.shape
+    Vb = b.shape[0]
+    teacher = ta is not None
+    DT = ta.shape[1] if teacher else D
+    cfg = _config("fwd", max(D, DT), a.dtype)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    rows_per_block = min(n, max(G_BLOCK_MIN_ROWS, G_BLOCK_ELEMENTS // n))
+    rows_per_block = triton.cdiv(rows_per_block, bm) * bm  # blocks start on tile rows (dL/ds partial indexing)
+    g_block = torch.empty(min(rows_per_block, n), n, dtype=a.dtype, device=a.device)
+    ds_part = torch.zeros(Va * Vb, triton.cdiv(n, bm), triton.cdiv(n, bn), dtype=torch.float32, device=a.device)
+    # With one b view a block's rows of dA are complete after one product: written straight into the output.
+    direct_a = Vb == 1
+    d_a = None
+    if need_a:
+        d_a = torch.empty_like(a) if direct_a else torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+    d_b = torch.zeros(b.shape, dtype=torch.float32, device=a.device) if need_b else None
+    scale32 = scale.detach().float().reshape(1)
+    tscale32 = scale32 if t_scale is None else t_scale.detach().float().reshape(1)
+    for va in range(Va):
+        for vb in range(Vb):
+            for start in range(0, n, rows_per_block):
+                stop = min(n, start + rows_per_block)
+                block = g_block[: stop - start]
+                grid = (triton.cdiv(stop - start, bm), triton.cdiv(n, bn))
+                _symmetric_grad_kernel[grid](
+                    a, b, _optional(ta, a), _optional(tb, b), _optional(mask, scale32), scale32, tscale32,
+                    grad_ab, lse_ab, _optional(tlse_ab if teacher else None, lse_ab),
+                    grad_ba, lse_ba, _optional(tlse_ba if teacher else None, lse_ba),
+                    block, ds_part[va * Vb + vb], start, stop, n, D, DT, Va, Vb, va, vb, float(alpha),
+                    HAS_TEACHER=teacher, HAS_MASK=mask is not None, BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(a.dtype),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                )
+                if need_a and direct_a:
+                    torch.mm(block, b[vb], out=d_a[va, start:stop])
+                elif need_a:
+                    d_a[va, start:stop] += torch.mm(block, b[vb])
+                if need_b:
+                    d_b[vb] += torch.mm(block.t(), a[va, start:stop])
+    s = scale.detach().float()
+    return (
+        (s * d_a).to(a.dtype) if need_a else None,  # (for direct_a, s * d_a is one pass in the input dtype)
+        (s * d_b).to(b.dtype) if need_b else None,
+        ds_part.sum().to(scale.dtype),
+    )
