@@ -104,10 +104,7 @@ def infonce_symmetric_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Both directions of the square problem a [Va, n, D] vs b [Vb, n, D]: (loss_ab [Va, Vb, n], loss_ba
     [Vb, Va, n], lse_ab, lse_ba, tlse_ab, tlse_ba). Its backward takes both directions in one pass each."""
-    impl = _impl(a)
-    loss_ab, lse_ab, tlse_ab = impl.infonce_rows_fwd(a, b, None, scale, 0, t_a, t_b, t_scale, alpha, soft_mask)
-    loss_ba, lse_ba, tlse_ba = impl.infonce_rows_fwd(b, a, None, scale, 0, t_b, t_a, t_scale, alpha, soft_mask)
-    return loss_ab, loss_ba, lse_ab, lse_ba, tlse_ab, tlse_ba
+    return _impl(a).infonce_symmetric_fwd(a, b, scale, t_a, t_b, t_scale, alpha, soft_mask)
 
 
 @infonce_symmetric_fwd.register_fake

@@ -125,6 +125,13 @@ def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_s
 
 
 
+def infonce_symmetric_fwd(a, b, scale, ta, tb, t_scale, alpha, soft_mask):
+    """Both directions of a square problem, one after the other."""
+    loss_ab, lse_ab, tlse_ab = infonce_rows_fwd(a, b, None, scale, 0, ta, tb, t_scale, alpha, soft_mask)
+    loss_ba, lse_ba, tlse_ba = infonce_rows_fwd(b, a, None, scale, 0, tb, ta, t_scale, alpha, soft_mask)
+    return loss_ab, loss_ba, lse_ab, lse_ba, tlse_ab, tlse_ba
+
+
 def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha, soft_mask, lse_ab, lse_ba,
                           tlse_ab, tlse_ba, need_a, need_b):
     """Both directions of a square problem: the sum of the two directions' row and column gradients."""

@@ -94,51 +94,93 @@ def _grad_tile(z, t, is_pos, lse, tlse, g, hard_w, soft_w, HAS_TEACHER: tl.const
 
 
 @triton.jit
-def _fwd_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, LOSS, LSE, TLSE,
+def _column_update(z, t, row_ok, COL, stat_stride, offs_n, col_ok, HAS_TEACHER: tl.constexpr):
+    """Fold one tile into running per-column statistics kept in memory (max, sum of exp; with a teacher also
+    its max, sum of exp and teacher-weighted logit sum), at COL + k * stat_stride for statistic k."""
+    z_masked = tl.where(row_ok[:, None], z, float("-inf"))
+    tile_max = tl.max(z_masked, 0)
+    tile_sum = tl.sum(tl.exp(z_masked - tile_max[None, :]), 0)
+    m_old = tl.load(COL + offs_n, mask=col_ok, other=float("-inf"))
+    l_old = tl.load(COL + stat_stride + offs_n, mask=col_ok, other=0.0)
+    m_new = tl.maximum(m_old, tile_max)
+    tl.store(COL + offs_n, m_new, mask=col_ok)
+    tl.store(COL + stat_stride + offs_n, l_old * tl.exp(m_old - m_new) + tile_sum * tl.exp(tile_max - m_new),
+             mask=col_ok)
+    if HAS_TEACHER:
+        t_masked = tl.where(row_ok[:, None], t, float("-inf"))
+        t_max = tl.max(t_masked, 0)
+        p = tl.exp(t_masked - t_max[None, :])
+        t_sum = tl.sum(p, 0)
+        w_sum = tl.sum(p * tl.where(row_ok[:, None], z, 0.0), 0)
+        tm_old = tl.load(COL + 2 * stat_stride + offs_n, mask=col_ok, other=float("-inf"))
+        tl_old = tl.load(COL + 3 * stat_stride + offs_n, mask=col_ok, other=0.0)
+        w_old = tl.load(COL + 4 * stat_stride + offs_n, mask=col_ok, other=0.0)
+        tm_new = tl.maximum(tm_old, t_max)
+        r_old = tl.exp(tm_old - tm_new)
+        r_tile = tl.exp(t_max - tm_new)
+        tl.store(COL + 2 * stat_stride + offs_n, tm_new, mask=col_ok)
+        tl.store(COL + 3 * stat_stride + offs_n, tl_old * r_old + t_sum * r_tile, mask=col_ok)
+        tl.store(COL + 4 * stat_stride + offs_n, w_old * r_old + w_sum * r_tile, mask=col_ok)
+
+
+@triton.jit
+def _fwd_kernel(R, C, X, TR, TC, MASK, SCALE, TSCALE, LOSS, LSE, TLSE, DIAG, COL,
                 n, N, K, D, DT, Vc, offset, alpha,
-                HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, COLUMN_STATS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
+    """Row losses of one direction. Program (g, pair) takes row blocks g, g + G, ... (G programs on axis 0).
+
+    COLUMN_STATS (square problems, no queue): the same tiles also yield the other direction's statistics,
+    per column, as partials of this program's rows at COL[stat, pair, g, :]; DIAG receives z_ii."""
+    group = tl.program_id(0)
+    n_groups = tl.num_programs(0)
     pair = tl.program_id(1)
     R += (pair // Vc).to(tl.int64) * n * D
     C += (pair % Vc).to(tl.int64) * N * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < n
-    pos = offset + offs_m
+    stat_stride = tl.num_programs(1) * n_groups * N
+    COL += (pair * n_groups + group).to(tl.int64) * N
     s = tl.load(SCALE).to(tl.float32)
     ts = tl.load(TSCALE).to(tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    tm_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    tl_i = tl.zeros((BLOCK_M,), tl.float32)
-    w_i = tl.zeros((BLOCK_M,), tl.float32)
-    z_pos = tl.zeros((BLOCK_M,), tl.float32)
-    for start in range(0, N, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        z = s * _dot_tile(R, C, offs_m, offs_n, n, N, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        t = z
+    for row_block in range(group, tl.cdiv(n, BLOCK_M), n_groups):
+        offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n
+        pos = offset + offs_m
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        tm_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        tl_i = tl.zeros((BLOCK_M,), tl.float32)
+        w_i = tl.zeros((BLOCK_M,), tl.float32)
+        z_pos = tl.zeros((BLOCK_M,), tl.float32)
+        for start in range(0, N, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            z = s * _dot_tile(R, C, offs_m, offs_n, n, N, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            t = z
+            if HAS_TEACHER:
+                t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            z_pos += tl.sum(tl.where(offs_n[None, :] == pos[:, None], z, 0.0), 1)
+            m_i, l_i, tm_i, tl_i, w_i = _online_update(z, t, offs_n < N, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER)
+            if COLUMN_STATS:
+                _column_update(z, t, row_ok, COL, stat_stride, offs_n, offs_n < N, HAS_TEACHER)
+        for start in range(0, K, BLOCK_N):  # queue columns; the teacher scores them as they are
+            offs_n = start + tl.arange(0, BLOCK_N)
+            z = s * _dot_tile(R, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            t = z
+            if HAS_TEACHER:
+                t = ts * _dot_tile(TR, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            m_i, l_i, tm_i, tl_i, w_i = _online_update(z, t, offs_n < K, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER)
+        lse = m_i + tl.log(l_i)
+        loss = lse - z_pos
         if HAS_TEACHER:
-            t = ts * _dot_tile(TR, TC, offs_m, offs_n, n, N, DT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        z_pos += tl.sum(tl.where(offs_n[None, :] == pos[:, None], z, 0.0), 1)
-        m_i, l_i, tm_i, tl_i, w_i = _online_update(z, t, offs_n < N, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER)
-    for start in range(0, K, BLOCK_N):  # queue columns; the teacher scores them as they are
-        offs_n = start + tl.arange(0, BLOCK_N)
-        z = s * _dot_tile(R, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        t = z
-        if HAS_TEACHER:
-            t = ts * _dot_tile(TR, X, offs_m, offs_n, n, K, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        m_i, l_i, tm_i, tl_i, w_i = _online_update(z, t, offs_n < K, m_i, l_i, tm_i, tl_i, w_i, HAS_TEACHER)
-    lse = m_i + tl.log(l_i)
-    loss = lse - z_pos
-    if HAS_TEACHER:
-        a = tl.zeros_like(lse) + alpha
-        if HAS_MASK:
-            a = a * tl.load(MASK + offs_m, mask=row_ok, other=0.0)
-        loss = lse - (1.0 - a) * z_pos - a * (w_i / tl_i)
-        if pair == 0:
-            tl.store(TLSE + offs_m, tm_i + tl.log(tl_i), mask=row_ok)
-    tl.store(LOSS + pair * n + offs_m, loss, mask=row_ok)
-    tl.store(LSE + pair * n + offs_m, lse, mask=row_ok)
+            a = tl.zeros_like(lse) + alpha
+            if HAS_MASK:
+                a = a * tl.load(MASK + offs_m, mask=row_ok, other=0.0)
+            loss = lse - (1.0 - a) * z_pos - a * (w_i / tl_i)
+            if pair == 0:
+                tl.store(TLSE + offs_m, tm_i + tl.log(tl_i), mask=row_ok)
+        tl.store(LOSS + pair * n + offs_m, loss, mask=row_ok)
+        tl.store(LSE + pair * n + offs_m, lse, mask=row_ok)
+        if COLUMN_STATS:
+            tl.store(DIAG + pair * n + offs_m, z_pos, mask=row_ok)
 
 
 @triton.jit
@@ -345,7 +387,9 @@ def _optional(x: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return fallback if x is None else x.contiguous()
 
 
-def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask):
+def _launch_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask, groups=None):
+    """Run _fwd_kernel. ``groups`` programs per view pair share the row blocks and, when given, return the
+    other direction's per-column partial statistics [stat, pair, group, N] and the diagonal logits."""
     rows, cols = rows.contiguous(), cols.contiguous()
     Vr, n, D = rows.shape
     Vc, N, _ = cols.shape
@@ -358,17 +402,65 @@ def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, 
     tlse = torch.empty(n if teacher else 0, dtype=torch.float32, device=rows.device)
     scale32 = scale.detach().float().reshape(1)
     mask = None if soft_mask is None else soft_mask.float()
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), Vr * Vc)
+    column_stats = groups is not None
+    diag = col = None
+    if column_stats:
+        diag = torch.empty_like(row_loss)
+        col = torch.empty(5 if teacher else 2, Vr * Vc, groups, N, dtype=torch.float32, device=rows.device)
+        col.zero_()  # running sums (statistics 1, 3, 4)
+        col[0].fill_(float("-inf"))  # running maxima (statistics 0, 2)
+        if teacher:
+            col[2].fill_(float("-inf"))
+    grid = (groups if column_stats else triton.cdiv(n, cfg["BLOCK_M"]), Vr * Vc)
     _fwd_kernel[grid](
         rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
         scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
-        row_loss, lse, _optional(tlse if teacher else None, lse),
+        row_loss, lse, _optional(tlse if teacher else None, lse), _optional(diag, lse), _optional(col, lse),
         n, N, K, D, DT, Vc, offset, float(alpha),
-        HAS_TEACHER=teacher, HAS_MASK=mask is not None,
+        HAS_TEACHER=teacher, HAS_MASK=mask is not None, COLUMN_STATS=column_stats,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(rows.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return row_loss, lse, tlse, diag, col
+
+
+def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask):
+    row_loss, lse, tlse, _, _ = _launch_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha,
+                                            soft_mask)
     return row_loss, lse, tlse
+
+
+def _column_groups(n_row_blocks: int, pairs: int, device: torch.device) -> int:
+    """Programs per view pair for the one-pass symmetric forward: enough to fill the GPU about twice; each adds
+    one row of column partials (memory), so no more."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(n_row_blocks, (2 * sms) // pairs))
+
+
+def infonce_symmetric_fwd(a, b, scale, ta, tb, t_scale, alpha, soft_mask):
+    """Both directions of the square problem in one pass over the logits: rows of a -> b online, the columns
+    (rows of b -> a) as partial statistics per program, combined here."""
+    Va, n, _ = a.shape
+    Vb = b.shape[0]
+    bm = _config("fwd", a.shape[-1], a.dtype)["BLOCK_M"]
+    groups = _column_groups(triton.cdiv(n, bm), Va * Vb, a.device)
+    loss_ab, lse_ab, tlse_ab, diag, col = _launch_fwd(a, b, None, scale, 0, ta, tb, t_scale, alpha, soft_mask,
+                                                      groups)
+    # b -> a, indexed [vb, va, j] like every row-direction tensor
+    to_ba = lambda x: x.reshape(Va, Vb, n).transpose(0, 1).contiguous()  # noqa: E731
+    lse_ba = to_ba(torch.logsumexp(col[0] + torch.log(col[1]), dim=1))
+    loss_ba = lse_ba - to_ba(diag)
+    tlse_ba = tlse_ab.new_empty(0)
+    if ta is not None:
+        t_lse_parts = col[2] + torch.log(col[3])
+        tlse_ba = torch.logsumexp(t_lse_parts, dim=1)  # [pairs = 1, n]
+        soft = (col[4] * torch.exp(col[2] - tlse_ba[:, None])).sum(1)
+        row_alpha = torch.full_like(soft, alpha)
+        if soft_mask is not None:
+            row_alpha = row_alpha * soft_mask.float()
+        loss_ba = lse_ba - to_ba((1 - row_alpha) * diag.reshape(Va * Vb, n) + row_alpha * soft)
+        tlse_ba = tlse_ba.reshape(n)
+    return loss_ab, loss_ba, lse_ab, lse_ba, tlse_ab, tlse_ba
 
 
 def _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse, tlse, compute_dr):
@@ -475,12 +567,32 @@ def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha,
                 if need_a and direct_a:
                     torch.mm(block, b[vb], out=d_a[va, start:stop])
                 elif need_a:
-                    d_a[va, start:stop] += torch.mm(block, b[vb])
+                    _accumulate_mm(d_a[va, start:stop], block, b[vb])
                 if need_b:
-                    d_b[vb] += torch.mm(block.t(), a[va, start:stop])
+                    _accumulate_mm(d_b[vb], block.t(), a[va, start:stop])
     s = scale.detach().float()
     return (
-        (s * d_a).to(a.dtype) if need_a else None,  # (for direct_a, s * d_a is one pass in the input dtype)
-        (s * d_b).to(b.dtype) if need_b else None,
+        d_a.mul_(s).to(a.dtype) if need_a else None,
+        d_b.mul_(s).to(b.dtype) if need_b else None,
         ds_part.sum().to(scale.dtype),
     )
+
+
+def _accumulate_mm(acc, x, y):
+    """acc (fp32) += x @ y. For 16-bit x, y on CUDA, cuBLAS accumulates into fp32 directly where PyTorch offers
+    addmm's out_dtype (no 16-bit temporary, no extra pass); otherwise through a temporary."""
+    if x.dtype != acc.dtype and x.is_cuda and _HAS_ADDMM_OUT_DTYPE:
+        torch.addmm(acc, x, y, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += torch.mm(x, y)
+
+
+def _addmm_out_dtype_available() -> bool:
+    try:
+        schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")]
+    except RuntimeError:
+        return False
+    return any("out_dtype" in schema for schema in schemas)
+
+
+_HAS_ADDMM_OUT_DTYPE = _addmm_out_dtype_available()
