@@ -123,6 +123,9 @@ def measure(
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout, or $COSMOS_FAST_COMMIT where the tree travelled without .git (the GPU runner)."""
+    if os.environ.get("COSMOS_FAST_COMMIT"):
+        return os.environ["COSMOS_FAST_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

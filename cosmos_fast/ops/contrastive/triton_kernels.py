@@ -299,7 +299,8 @@ def _symmetric_grad_kernel(A, B, TA, TB, MASK, SCALE, TSCALE, GRAD_AB, LSE_AB, T
                            HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            PRECISION: tl.constexpr):
-    """dL/dz of the square problem for rows row_start:row_stop of view pair (va, vb), into G [rows, n].
+    """s dL/dz of the square problem for rows row_start:row_stop of view pair (va, vb), into G [rows, n]
+    (the scale folded in, so that G @ b is dA).
 
     z = s a b^T serves both directions: a -> b reads it by rows (stats indexed by i), b -> a by columns (stats
     indexed by j), so each tile holds the sum of both directions' gradients. Also writes sum(G * a b^T) per tile
@@ -336,7 +337,7 @@ def _symmetric_grad_kernel(A, B, TA, TB, MASK, SCALE, TSCALE, GRAD_AB, LSE_AB, T
                        psoft_w[None, :], HAS_TEACHER)
     grad = tl.where(row_ok[:, None] & col_ok[None, :], grad, 0.0)
     local = offs_m - row_start
-    tl.store(G + local[:, None].to(tl.int64) * n + offs_n[None, :], grad.to(G.dtype.element_ty),
+    tl.store(G + local[:, None].to(tl.int64) * n + offs_n[None, :], (s * grad).to(G.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
     tl.store(DSCALE + (row_start // BLOCK_M + pid_m) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(grad * dots, 1), 0))
 
@@ -541,19 +542,19 @@ def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha,
     rows_per_block = triton.cdiv(rows_per_block, bm) * bm  # blocks start on tile rows (dL/ds partial indexing)
     g_block = torch.empty(min(rows_per_block, n), n, dtype=a.dtype, device=a.device)
     ds_part = torch.zeros(Va * Vb, triton.cdiv(n, bm), triton.cdiv(n, bn), dtype=torch.float32, device=a.device)
-    # With one b view a block's rows of dA are complete after one product: written straight into the output.
-    direct_a = Vb == 1
-    d_a = None
-    if need_a:
-        d_a = torch.empty_like(a) if direct_a else torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+    d_a = torch.empty_like(a) if need_a else None
+    # dA rows of one block collect Vb products: summed in fp32 here, then written once.
+    acc_a = torch.empty(min(rows_per_block, n), D, dtype=torch.float32, device=a.device) if Vb > 1 else None
     d_b = torch.zeros(b.shape, dtype=torch.float32, device=a.device) if need_b else None
     scale32 = scale.detach().float().reshape(1)
     tscale32 = scale32 if t_scale is None else t_scale.detach().float().reshape(1)
     for va in range(Va):
-        for vb in range(Vb):
-            for start in range(0, n, rows_per_block):
-                stop = min(n, start + rows_per_block)
-                block = g_block[: stop - start]
+        for start in range(0, n, rows_per_block):
+            stop = min(n, start + rows_per_block)
+            block = g_block[: stop - start]
+            if acc_a is not None:
+                acc_a.zero_()
+            for vb in range(Vb):
                 grid = (triton.cdiv(stop - start, bm), triton.cdiv(n, bn))
                 _symmetric_grad_kernel[grid](
                     a, b, _optional(ta, a), _optional(tb, b), _optional(mask, scale32), scale32, tscale32,
@@ -564,18 +565,15 @@ def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha,
                     BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(a.dtype),
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                 )
-                if need_a and direct_a:
+                if need_a and acc_a is None:
                     torch.mm(block, b[vb], out=d_a[va, start:stop])
                 elif need_a:
-                    _accumulate_mm(d_a[va, start:stop], block, b[vb])
+                    _accumulate_mm(acc_a[: stop - start], block, b[vb])
                 if need_b:
                     _accumulate_mm(d_b[vb], block.t(), a[va, start:stop])
-    s = scale.detach().float()
-    return (
-        d_a.mul_(s).to(a.dtype) if need_a else None,
-        d_b.mul_(s).to(b.dtype) if need_b else None,
-        ds_part.sum().to(scale.dtype),
-    )
+            if need_a and acc_a is not None:
+                d_a[va, start:stop] = acc_a[: stop - start]
+    return d_a, (d_b.to(b.dtype) if need_b else None), ds_part.sum().to(scale.dtype)
 
 
 def _accumulate_mm(acc, x, y):
