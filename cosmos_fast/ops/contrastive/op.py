@@ -18,6 +18,13 @@ from ..._dispatch import select_backend
 from . import torch_impl
 
 
+def _grad_or_empty(x: Tensor, needed: bool, grad: Optional[Tensor] = None) -> Tensor:
+    """A gradient output of a custom op: ``grad`` (or, for fake tensors, its shape) when needed, else empty."""
+    if not needed:
+        return x.new_empty(0)
+    return torch.empty_like(x) if grad is None else grad
+
+
 def _impl(x: Tensor):
     if select_backend(x) == "triton":
         from . import triton_kernels
@@ -56,18 +63,13 @@ def infonce_rows_bwd(
         grad, rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask, lse, tlse,
         need_rows, need_cols,
     )
-    empty = rows.new_empty(0)
-    return (empty if d_rows is None else d_rows), (empty if d_cols is None else d_cols), d_scale
+    return _grad_or_empty(rows, need_rows, d_rows), _grad_or_empty(cols, need_cols, d_cols), d_scale
 
 
 @infonce_rows_bwd.register_fake
 def _(grad, rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask, lse, tlse,
       need_rows, need_cols):
-    return (
-        torch.empty_like(rows) if need_rows else rows.new_empty(0),
-        torch.empty_like(cols) if need_cols else cols.new_empty(0),
-        torch.empty_like(scale),
-    )
+    return _grad_or_empty(rows, need_rows), _grad_or_empty(cols, need_cols), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,17 +130,13 @@ def infonce_symmetric_bwd(
         grad_ab, grad_ba, a, b, scale, t_a, t_b, t_scale, alpha, soft_mask, lse_ab, lse_ba, tlse_ab, tlse_ba,
         need_a, need_b,
     )
-    return (a.new_empty(0) if d_a is None else d_a), (b.new_empty(0) if d_b is None else d_b), d_scale
+    return _grad_or_empty(a, need_a, d_a), _grad_or_empty(b, need_b, d_b), d_scale
 
 
 @infonce_symmetric_bwd.register_fake
 def _(grad_ab, grad_ba, a, b, scale, t_a, t_b, t_scale, alpha, soft_mask, lse_ab, lse_ba, tlse_ab, tlse_ba,
       need_a, need_b):
-    return (
-        torch.empty_like(a) if need_a else a.new_empty(0),
-        torch.empty_like(b) if need_b else b.new_empty(0),
-        torch.empty_like(scale),
-    )
+    return _grad_or_empty(a, need_a), _grad_or_empty(b, need_b), torch.empty_like(scale)
 
 
 def _setup_symmetric_context(ctx, inputs, output):

@@ -1,4 +1,4 @@
-"""Triton kernels of the row-direction InfoNCE (forward and backward).
+"""Triton kernels of the InfoNCE loss (forward and backward).
 
 The unit of work is one *direction*: rows R [Vr, n, D] scored against columns
 C [Vc, N, D] (plus K extra queue columns X [K, D] without gradient) with the
@@ -8,9 +8,14 @@ mixed in with weight alpha on masked rows. The symmetric loss is two directions.
 
 Logit tiles live only in SRAM: the forward keeps an online log-sum-exp per row
 (and one for the teacher, with the teacher-weighted logit sum); the backward
-recomputes each tile from the saved log-sum-exp. ``_bwd_rows_kernel`` walks the
-columns of a row block to build dR; ``_bwd_cols_kernel`` walks the rows of a
-column block to build dC, so neither needs atomics. Accumulation is fp32.
+recomputes each tile from the saved log-sum-exp. Generic path (distributed, queues):
+``_bwd_rows_kernel`` walks the columns of a row block to build dR, ``_bwd_cols_kernel``
+the rows of a column block to build dC, so neither needs atomics.
+
+Square problems (one process, no queue) share every tile between the two directions:
+the forward gathers the column direction's statistics as per-program partials in the
+same pass, and the backward writes bounded blocks of dL/dz for both directions at once,
+which cuBLAS multiplies into dA and dB. Accumulation is fp32 throughout.
 """
 from __future__ import annotations
 
@@ -383,6 +388,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _scalars(scale: torch.Tensor, t_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and the teacher scale as fp32 one-element tensors (the teacher's is the scale when absent)."""
+    scale32 = scale.detach().float().reshape(1)
+    return scale32, (scale32 if t_scale is None else t_scale.detach().float().reshape(1))
+
+
 def _optional(x: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     # Triton wants a pointer in every slot; unused slots get a tensor that is never read.
     return fallback if x is None else x.contiguous()
@@ -401,7 +412,7 @@ def _launch_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha
     row_loss = torch.empty(Vr, Vc, n, dtype=torch.float32, device=rows.device)
     lse = torch.empty_like(row_loss)
     tlse = torch.empty(n if teacher else 0, dtype=torch.float32, device=rows.device)
-    scale32 = scale.detach().float().reshape(1)
+    scale32, tscale32 = _scalars(scale, t_scale)
     mask = None if soft_mask is None else soft_mask.float()
     column_stats = groups is not None
     diag = col = None
@@ -415,8 +426,7 @@ def _launch_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha
     grid = (groups if column_stats else triton.cdiv(n, cfg["BLOCK_M"]), Vr * Vc)
     _fwd_kernel[grid](
         rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
-        scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
-        row_loss, lse, _optional(tlse if teacher else None, lse), _optional(diag, lse), _optional(col, lse),
+        scale32, tscale32, row_loss, lse, _optional(tlse if teacher else None, lse), _optional(diag, lse), _optional(col, lse),
         n, N, K, D, DT, Vc, offset, float(alpha),
         HAS_TEACHER=teacher, HAS_MASK=mask is not None, COLUMN_STATS=column_stats,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=_precision(rows.dtype),
@@ -471,14 +481,13 @@ def _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, 
     teacher = t_rows is not None
     DT = t_rows.shape[1] if teacher else D
     cfg = _config("bwd", max(D, DT), rows.dtype)
-    scale32 = scale.detach().float().reshape(1)
+    scale32, tscale32 = _scalars(scale, t_scale)
     d_rows = torch.empty_like(rows) if compute_dr else None
     ds_part = torch.empty(Vr, n, dtype=torch.float32, device=rows.device)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]) if compute_dr else 1, Vr)
     _bwd_rows_kernel[grid](
         rows, cols, _optional(extra, cols), _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
-        scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
-        grad, lse, _optional(tlse if teacher else None, lse), _optional(d_rows, rows), ds_part,
+        scale32, tscale32, grad, lse, _optional(tlse if teacher else None, lse), _optional(d_rows, rows), ds_part,
         n, N, 0 if extra is None else extra.shape[0], D, DT, Vc, offset, float(alpha),
         HAS_TEACHER=teacher, HAS_MASK=mask is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"],
@@ -495,18 +504,15 @@ def infonce_rows_bwd(grad, rows, cols, extra, scale, offset, t_rows, t_cols, t_s
     # The rows kernel also yields dL/ds, so it runs even when the rows need no gradient.
     d_rows, ds_part = _rows_bwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, alpha, mask, grad, lse,
                                 tlse, need_rows)
-    d_cols = None
+    d_cols = torch.empty_like(cols) if need_cols else None
     if need_cols:
-        Vr, n, D = rows.shape
-        Vc, N, _ = cols.shape
-        teacher = t_rows is not None
-        DT = t_rows.shape[1] if teacher else D
+        (Vr, n, D), (Vc, N, _) = rows.shape, cols.shape
+        DT = D if t_rows is None else t_rows.shape[1]
         cfg = _config("bwd", max(D, DT), rows.dtype)
-        scale32 = scale.detach().float().reshape(1)
-        d_cols = torch.empty_like(cols)
+        scale32, tscale32 = _scalars(scale, t_scale)
+        teacher = t_rows is not None
         _bwd_cols_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_DO"]), Vc)](
-            rows, cols, _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32),
-            scale32, _optional(None if t_scale is None else t_scale.detach().float().reshape(1), scale32),
+            rows, cols, _optional(t_rows, rows), _optional(t_cols, cols), _optional(mask, scale32), scale32, tscale32,
             grad, lse, _optional(tlse if teacher else None, lse), d_cols,
             n, N, D, DT, Vr, Vc, offset, float(alpha),
             HAS_TEACHER=teacher, HAS_MASK=mask is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -546,8 +552,7 @@ def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha,
     # dA rows of one block collect Vb products: summed in fp32 here, then written once.
     acc_a = torch.empty(min(rows_per_block, n), D, dtype=torch.float32, device=a.device) if Vb > 1 else None
     d_b = torch.zeros(b.shape, dtype=torch.float32, device=a.device) if need_b else None
-    scale32 = scale.detach().float().reshape(1)
-    tscale32 = scale32 if t_scale is None else t_scale.detach().float().reshape(1)
+    scale32, tscale32 = _scalars(scale, t_scale)
     for va in range(Va):
         for start in range(0, n, rows_per_block):
             stop = min(n, start + rows_per_block)
