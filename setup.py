@@ -1,9 +1,36 @@
 """Build script for cosmos_fast.
 
-The package is pure Python plus Triton kernels; CUDA extensions under csrc/ are
-added by the ops that need them and are optional (each op has a Triton and a
-PyTorch path)."""
+The package is Python plus Triton kernels. The CUDA extension in csrc/ (module
+cosmos_fast._C) is optional: it is built here when torch sees a CUDA device and
+nvcc is installed (COSMOS_FAST_BUILD_CUDA=1 forces it, =0 skips it), and is
+otherwise JIT-compiled on first use; every op also has Triton and PyTorch paths.
+"""
+import os
+
 from setuptools import find_packages, setup
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for cosmos_fast._C, or nothing when it should not or cannot be built."""
+    choice = os.environ.get("COSMOS_FAST_BUILD_CUDA", "auto")
+    if choice == "0":
+        return [], {}
+    try:  # torch is only importable here without build isolation (pip install --no-build-isolation)
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if CUDA_HOME is None or (choice != "1" and not torch.cuda.is_available()):
+        return [], {}
+    ext = CUDAExtension(
+        "cosmos_fast._C",
+        ["csrc/bindings.cpp", "csrc/ema.cu"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
 
 setup(
     name="cosmos_fast",
@@ -11,6 +38,8 @@ setup(
     description="Fused kernels for vision-language self-distillation training (COSMOS, PSD, SIMLA)",
     packages=find_packages(include=["cosmos_fast", "cosmos_fast.*"]),
     python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.6", "numpy", "pyyaml", "tqdm"],
     extras_require={
         # triton ships with CUDA builds of torch; the CPU tests run its interpreter.

@@ -262,6 +262,38 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def bar_plot(name: str, rows: Iterable[dict[str, Any]], label: str | Sequence[str], values: Sequence[str], *,
+             title: str | None = None) -> Path | None:
+    """Save ``<results dir>/<name>.png``: horizontal bars, one subplot per key in ``values``, one bar per row
+    (named by the ``label`` keys). For benchmarks of one size, where a line plot has no axis to draw along."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"plot {name}: matplotlib is not installed; no figure written")
+        return None
+    rows = [r for r in rows if all(r.get(v) is not None for v in values)]
+    names = [_label(r, label) for r in rows]
+    fig, axes = plt.subplots(1, len(values), figsize=(6 * len(values), 0.45 * len(rows) + 1.5), squeeze=False)
+    for ax, key in zip(axes[0], values):
+        ax.barh(names, [r[key] for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel(key)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[0][1:]:
+        ax.set_yticklabels([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = results_dir() / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> None:
     """Print rows as an aligned text table; a column is a key or ``(key, header)``; missing values print "-"."""
     cols = [(c, c) if isinstance(c, str) else c for c in columns]

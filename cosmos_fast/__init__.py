@@ -1,7 +1,9 @@
 """cosmos_fast: fused kernels for vision-language self-distillation training."""
 from . import nn
 from ._dispatch import backends
+from .nn import EMATeacher
 from .ops.contrastive import contrastive_loss, multiview_contrastive_loss
+from .ops.ema import ema_update_
 
 __version__ = "0.1.0"
-__all__ = ["backends", "contrastive_loss", "multiview_contrastive_loss", "nn"]
+__all__ = ["EMATeacher", "backends", "contrastive_loss", "ema_update_", "multiview_contrastive_loss", "nn"]

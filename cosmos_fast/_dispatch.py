@@ -1,10 +1,11 @@
 """The one place that decides which implementation runs an op.
 
-Rule (as in xformers' dispatch): CUDA tensors take the fast path (Triton),
-everything else the PyTorch path. ``COSMOS_FAST_BACKEND=torch`` forces the
-PyTorch reference path everywhere (for debugging); ``COSMOS_FAST_BACKEND=triton``
-forces Triton, which on CPU tensors needs ``TRITON_INTERPRET=1`` (how the CPU
-tests exercise the kernels).
+Rule (as in xformers' dispatch): CUDA tensors take an op's first available fast
+path (the CUDA extension where the op has one, else Triton), everything else the
+PyTorch path. ``COSMOS_FAST_BACKEND=torch`` forces the PyTorch reference path
+everywhere (for debugging); ``=triton`` forces Triton, which on CPU tensors needs
+``TRITON_INTERPRET=1`` (how the CPU tests exercise the kernels); ``=cuda`` forces
+the CUDA extension for the ops that have one.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "COSMOS_FAST_BACKEND"
 
 # Dtypes the Triton kernels accept; anything else (float64) takes the PyTorch path.
@@ -42,11 +43,23 @@ def forced_backend() -> str | None:
     return value
 
 
-def select_backend(x: torch.Tensor) -> str:
-    """Backend ("triton" or "torch") for an op whose main input is ``x``."""
+def _cuda_extension_available() -> bool:
+    from . import _extension
+
+    return _extension.load() is not None
+
+
+def select_backend(x: torch.Tensor, fast: tuple[str, ...] = ("triton",)) -> str:
+    """Backend for an op whose main input is ``x``; ``fast`` lists the op's fast paths, preferred first."""
     forced = forced_backend()
     if forced == "torch":
         return "torch"
+    if forced == "cuda" and "cuda" in fast:
+        if x.device.type != "cuda" or not _cuda_extension_available():
+            from . import _extension
+
+            raise RuntimeError(f"{ENV_VAR}=cuda needs CUDA tensors and the CUDA extension ({_extension.status()})")
+        return "cuda"
     if forced == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
@@ -58,16 +71,22 @@ def select_backend(x: torch.Tensor) -> str:
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(f"the Triton kernels take {TRITON_DTYPES}, got {x.dtype}")
         return "triton"
-    if x.device.type == "cuda" and triton_available() and x.dtype in TRITON_DTYPES:
-        return "triton"
+    if x.device.type == "cuda" and x.dtype in TRITON_DTYPES:
+        if "cuda" in fast and _cuda_extension_available():
+            return "cuda"
+        if triton_available():
+            return "triton"
     return "torch"
 
 
 def backends() -> dict[str, object]:
     """What this machine can run: a summary for bug reports and benchmark logs."""
+    from . import _extension
+
     return {
         "forced": forced_backend(),
         "triton": triton_available(),
         "triton_interpreter": triton_interpreted(),
         "cuda": torch.cuda.is_available(),
+        "cuda_extension": _extension.status(),
     }

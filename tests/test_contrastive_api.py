@@ -101,7 +101,7 @@ def test_dispatch_rules(monkeypatch):
     assert _dispatch.select_backend(x) == "torch"
     monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
     assert _dispatch.select_backend(x) == "torch"
-    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cublas")
     with pytest.raises(ValueError, match="COSMOS_FAST_BACKEND must be one of"):
         _dispatch.select_backend(x)
     monkeypatch.setenv(_dispatch.ENV_VAR, "triton")

@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` API."""
 from .contrastive import ContrastiveLoss, CosmosLoss, CosmosLossOutput
+from .ema import EMATeacher
 
-__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput"]
+__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "EMATeacher"]
