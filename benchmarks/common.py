@@ -190,6 +190,30 @@ def _label(row: dict[str, Any], series: str | Sequence[str]) -> str:
     return " ".join(str(row.get(k)) for k in keys)
 
 
+def _pyplot(name: str):
+    """matplotlib's pyplot on the Agg backend, or None (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"plot {name}: matplotlib is not installed; no figure written")
+        return None
+    return plt
+
+
+def _save_figure(plt, fig, name: str, title: str | None) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = results_dir() / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(
     name: str,
     rows: Iterable[dict[str, Any]],
@@ -206,13 +230,8 @@ def plot(
     ``series`` is the row key (or keys) that name a line, e.g. ``("impl", "dtype")``. Rows whose ``y`` value is
     missing (out of memory, skipped) leave a gap. Returns the path, or None when matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot {name}: matplotlib is not installed; no figure written")
+    plt = _pyplot(name)
+    if plt is None:
         return None
     rows = list(rows)
     ys = [y] if isinstance(y, str) else list(y)
@@ -234,13 +253,7 @@ def plot(
         ax.set_ylabel(key)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(title or name)
-    fig.tight_layout()
-    path = results_dir() / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, name, title or name)
 
 
 def _fmt(value: Any) -> str:
@@ -266,13 +279,8 @@ def bar_plot(name: str, rows: Iterable[dict[str, Any]], label: str | Sequence[st
              title: str | None = None) -> Path | None:
     """Save ``<results dir>/<name>.png``: horizontal bars, one subplot per key in ``values``, one bar per row
     (named by the ``label`` keys). For benchmarks of one size, where a line plot has no axis to draw along."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot {name}: matplotlib is not installed; no figure written")
+    plt = _pyplot(name)
+    if plt is None:
         return None
     rows = [r for r in rows if all(r.get(v) is not None for v in values)]
     names = [_label(r, label) for r in rows]
@@ -284,14 +292,7 @@ def bar_plot(name: str, rows: Iterable[dict[str, Any]], label: str | Sequence[st
         ax.grid(True, axis="x", alpha=0.3)
     for ax in axes[0][1:]:
         ax.set_yticklabels([])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = results_dir() / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, name, title)
 
 
 def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> None:

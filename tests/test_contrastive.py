@@ -20,12 +20,20 @@ def scale64(value=SCALE):
     return torch.tensor(value, dtype=torch.float64)
 
 
+def assert_loss_accurate(N, D, dtype, **kwargs):
+    """contrastive_loss(**kwargs) on fresh normalised features [N, D] by the accuracy rule."""
+    assert_accurate(
+        lambda a, b, s: cosmos_fast.contrastive_loss(a, b, s, **kwargs),
+        lambda a, b, s: contrastive_loss_reference(a, b, s, **kwargs),
+        [features(N, D, seed=1), features(N, D, seed=2), scale64()], dtype, ["a", "b", "scale"],
+    )
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 96, 512])
 @pytest.mark.parametrize("N", [1, 7, 129, 1000])
 def test_hard_targets(backend, N, D, dtype):
-    leaves = [features(N, D, seed=1), features(N, D, seed=2), scale64()]
-    assert_accurate(cosmos_fast.contrastive_loss, contrastive_loss_reference, leaves, dtype, ["a", "b", "scale"])
+    assert_loss_accurate(N, D, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -34,13 +42,7 @@ def test_hard_targets(backend, N, D, dtype):
 def test_soft_targets(backend, N, D, dtype, masked):
     ta, tb = features(N, 48, seed=3).to(dtype), features(N, 48, seed=4).to(dtype)
     mask = (torch.arange(N) % 3 == 0) if masked else None
-    kwargs = dict(teacher=(ta, tb, torch.tensor(25.0)), alpha=0.4, soft_mask=mask)
-    leaves = [features(N, D, seed=1), features(N, D, seed=2), scale64()]
-    assert_accurate(
-        lambda a, b, s: cosmos_fast.contrastive_loss(a, b, s, **kwargs),
-        lambda a, b, s: contrastive_loss_reference(a, b, s, **kwargs),
-        leaves, dtype, ["a", "b", "scale"],
-    )
+    assert_loss_accurate(N, D, dtype, teacher=(ta, tb, torch.tensor(25.0)), alpha=0.4, soft_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,12 +54,7 @@ def test_extra_columns(backend, N, D, K, dtype, with_teacher):
     if with_teacher:
         teacher = (features(N, D, seed=3).to(dtype), features(N, D, seed=4).to(dtype), torch.tensor(20.0))
         kwargs.update(teacher=teacher, alpha=0.7, soft_mask=torch.arange(N) % 2 == 0)
-    leaves = [features(N, D, seed=1), features(N, D, seed=2), scale64()]
-    assert_accurate(
-        lambda a, b, s: cosmos_fast.contrastive_loss(a, b, s, **kwargs),
-        lambda a, b, s: contrastive_loss_reference(a, b, s, **kwargs),
-        leaves, dtype, ["a", "b", "scale"],
-    )
+    assert_loss_accurate(N, D, dtype, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -105,13 +102,8 @@ def test_config_with_small_tiles_crosses_every_loop(backend, monkeypatch):
     monkeypatch.setenv("COSMOS_FAST_CONTRASTIVE_CONFIG", "16,16,16,32,4,1")
     N, D, K = 37, 96, 21
     teacher = (features(N, D, seed=3).float(), features(N, D, seed=4).float(), torch.tensor(9.0))
-    kwargs = dict(teacher=teacher, alpha=0.5, soft_mask=torch.arange(N) % 2 == 1,
-                  extra_a=features(K, D, seed=7).float(), extra_b=features(K, D, seed=8).float())
-    assert_accurate(
-        lambda a, b, s: cosmos_fast.contrastive_loss(a, b, s, **kwargs),
-        lambda a, b, s: contrastive_loss_reference(a, b, s, **kwargs),
-        [features(N, D, seed=1), features(N, D, seed=2), scale64()], torch.float32, ["a", "b", "scale"],
-    )
+    assert_loss_accurate(N, D, torch.float32, teacher=teacher, alpha=0.5, soft_mask=torch.arange(N) % 2 == 1,
+                         extra_a=features(K, D, seed=7).float(), extra_b=features(K, D, seed=8).float())
     leaves = [features(3, N, D, seed=1), features(2, N, D, seed=2), scale64()]
     assert_accurate(cosmos_fast.multiview_contrastive_loss, multiview_contrastive_loss_reference, leaves,
                     torch.float32, ["a_views", "b_views", "scale"])
