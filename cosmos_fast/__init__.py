@@ -2,8 +2,9 @@
 from . import nn
 from ._dispatch import backends
 from .nn import EMATeacher
+from .ops.attention import cross_attention
 from .ops.contrastive import contrastive_loss, multiview_contrastive_loss
 from .ops.ema import ema_update_
 
 __version__ = "0.1.0"
-__all__ = ["EMATeacher", "backends", "contrastive_loss", "ema_update_", "multiview_contrastive_loss", "nn"]
+__all__ = ["EMATeacher", "backends", "contrastive_loss", "cross_attention", "ema_update_", "multiview_contrastive_loss", "nn"]

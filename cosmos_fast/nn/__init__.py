@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module`` API."""
+from .attention import CrossAttentionPooler
 from .contrastive import ContrastiveLoss, CosmosLoss, CosmosLossOutput
 from .ema import EMATeacher
 
-__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "EMATeacher"]
+__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "CrossAttentionPooler", "EMATeacher"]

@@ -1,0 +1,60 @@
+"""``CrossAttentionPooler``: COSMOS's cross-attention module, state-dict compatible with upstream."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.attention import cross_attention
+
+
+class CrossAttentionPooler(nn.Module):
+    """LayerNorm(query) and LayerNorm(context), multi-head attention, then optional residual and L2 norm.
+
+    ``x = normalize(query + Attn(ln_q(query), ln_k(context)))`` as in ``cosmos.md`` (Cross-attention module).
+    Parameters carry upstream's names (``ln_q``, ``ln_k``, and ``attn`` with ``nn.MultiheadAttention``'s own:
+    ``in_proj_weight``/``in_proj_bias``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when
+    ``kdim != d_model``, and ``out_proj``), so a checkpoint of an ``nn.MultiheadAttention``-based pooler loads
+    unchanged. ``attn`` holds the parameters; the attention itself runs :func:`cosmos_fast.cross_attention`.
+
+    forward(query [B, Lq, d_model], context [B, Lk, kdim], key_padding_mask [B, Lk] bool or None (True =
+    padding; None reproduces upstream COSMOS, which attends to padding), residual=True, normalize=True)
+    -> [B, Lq, d_model]. A sample whose context is all padding gets no attention contribution (zeros).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, kdim: int | None = None):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        kdim = d_model if kdim is None else kdim
+        self.n_heads = n_heads
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(kdim)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=kdim, vdim=kdim, batch_first=True)
+
+    def _projections(self):
+        attn = self.attn
+        d = attn.embed_dim
+        bias_q, bias_k, bias_v = (None, None, None) if attn.in_proj_bias is None else attn.in_proj_bias.split(d)
+        if attn._qkv_same_embed_dim:
+            w_q, w_k, w_v = attn.in_proj_weight.split(d)
+        else:
+            w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
+        return (w_q, bias_q), (w_k, bias_k), (w_v, bias_v)
+
+    def forward(self, query, context, key_padding_mask=None, residual: bool = True, normalize: bool = True):
+        B, Lq, d = query.shape
+        Lk = context.shape[1]
+        h = self.n_heads
+        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
+        q_in, kv_in = self.ln_q(query), self.ln_k(context)
+        q = F.linear(q_in, w_q, b_q).view(B, Lq, h, d // h)
+        k = F.linear(kv_in, w_k, b_k).view(B, Lk, h, d // h)
+        v = F.linear(kv_in, w_v, b_v).view(B, Lk, h, d // h)
+        out = self.attn.out_proj(cross_attention(q, k, v, key_padding_mask).reshape(B, Lq, d))
+        if key_padding_mask is not None:
+            # a sample without any context token gets no contribution at all (not the projection's bias)
+            out = out.masked_fill(key_padding_mask.all(dim=1)[:, None, None], 0.0)
+        if residual:
+            out = query + out
+        return F.normalize(out, dim=-1) if normalize else out

@@ -1,0 +1,40 @@
+"""Public cross-attention: argument checks and the backend call."""
+from __future__ import annotations
+
+import torch
+
+from ..._validation import check_float_tensor, check_same_device, check_same_dtype
+from . import torch_impl
+
+
+def cross_attention(q, k, v, key_padding_mask=None, scale=None):
+    """Attention of short query sets over long key sets (COSMOS, SIMLA cross-attention).
+
+    Args:
+        q: [B, Lq, H, Dh] queries; k, v: [B, Lk, H, Dh] keys and values (the xformers/FlashAttention layout);
+            fp32, bf16 or fp16 (fp64 on the PyTorch path), one dtype and device.
+        key_padding_mask: optional bool [B, Lk], True = ignore (``nn.MultiheadAttention``'s convention).
+        scale: softmax scale, default Dh ** -0.5.
+
+    Returns:
+        [B, Lq, H, Dh] in q's dtype. A sample whose keys are all masked gets zeros (and zero gradients).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, x, 4)
+    check_same_device("q", q, k=k, v=v, key_padding_mask=key_padding_mask)
+    check_same_dtype("q", q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Lk, H, Dh], got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, _, H, Dh = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, Dh):
+        raise ValueError(f"k must have shape [B={B}, Lk, H={H}, Dh={Dh}] to match q, got {tuple(k.shape)}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor [B, Lk], got "
+                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if key_padding_mask.shape != (B, k.shape[1]):
+            raise ValueError(f"key_padding_mask must have shape [{B}, {k.shape[1]}], got "
+                             f"{tuple(key_padding_mask.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    return torch_impl.cross_attention(q, k, v, key_padding_mask, None if scale is None else float(scale))

@@ -1,0 +1,132 @@
+"""Cross-attention and the COSMOS pooler against float64 references built from plain PyTorch / nn.MultiheadAttention."""
+import pytest
+import torch
+import torch.nn.functional as F
+from accuracy import assert_accurate
+from torch import nn
+
+import cosmos_fast
+from cosmos_fast.ops.attention.reference import cross_attention_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def qkv(B, Lq, Lk, H, Dh, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, L, H, Dh, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk)]
+
+
+def padding_mask(B, Lk, seed):
+    """Sample 0 keeps every key, sample 1 has none (fully masked), the others random padding."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, Lk, generator=g) < 0.3
+    mask[0] = False
+    if B > 1:
+        mask[1] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Dh", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("Lk", [1, 77, 196, 257])
+@pytest.mark.parametrize("Lq", [1, 8, 25])
+def test_matches_float64(Lq, Lk, Dh, dtype):
+    B, H = 3, 2
+    mask = padding_mask(B, Lk, seed=Lq + Lk)
+    assert_accurate(
+        lambda q, k, v: cosmos_fast.cross_attention(q, k, v, mask),
+        lambda q, k, v: cross_attention_reference(q, k, v, mask),
+        qkv(B, Lq, Lk, H, Dh, seed=Dh), dtype, ["q", "k", "v"], fp32_tail=0,
+    )
+
+
+def test_fully_masked_queries_give_zeros_and_zero_gradients():
+    q, k, v = (x.float().requires_grad_() for x in qkv(3, 8, 77, 2, 32, seed=0))
+    mask = padding_mask(3, 77, seed=1)
+    out = cosmos_fast.cross_attention(q, k, v, mask)
+    out.sum().backward()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+    assert q.grad[0].abs().sum() > 0
+
+
+def test_no_mask_and_custom_scale():
+    q, k, v = qkv(2, 8, 10, 2, 16, seed=3)
+    torch.testing.assert_close(cosmos_fast.cross_attention(q, k, v, scale=0.3),
+                               cross_attention_reference(q, k, v, scale=0.3))
+
+
+Q, K = torch.zeros(2, 8, 2, 16), torch.zeros(2, 20, 2, 16)
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: cosmos_fast.cross_attention(Q[0], K, K), ValueError, "q must have 4 dimensions"),
+    (lambda: cosmos_fast.cross_attention(Q, K, K[:, :5]), ValueError, "k and v must have the same shape"),
+    (lambda: cosmos_fast.cross_attention(Q, K[:, :, :1], K[:, :, :1]), ValueError, "k must have shape"),
+    (lambda: cosmos_fast.cross_attention(Q, K.half(), K.half()), TypeError, "k has dtype"),
+    (lambda: cosmos_fast.cross_attention(Q.long(), K, K), TypeError, "q must be a floating-point"),
+    (lambda: cosmos_fast.cross_attention(Q, K, K, torch.zeros(2, 20)), TypeError, "key_padding_mask must be a bool"),
+    (lambda: cosmos_fast.cross_attention(Q, K, K, torch.zeros(2, 19, dtype=torch.bool)), ValueError,
+     "key_padding_mask must have shape [2, 20]"),
+    (lambda: cosmos_fast.cross_attention(Q, K, K, scale=-1.0), ValueError, "scale must be a positive float"),
+    (lambda: cosmos_fast.nn.CrossAttentionPooler(60, 8), ValueError, "divisible by n_heads"),
+])
+def test_bad_input_names_the_argument(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)
+
+
+class MultiheadAttentionPooler(nn.Module):
+    """The upstream-style pooler: nn.MultiheadAttention with LayerNorms; fully masked samples give zeros."""
+
+    def __init__(self, d_model, n_heads, kdim=None):
+        super().__init__()
+        kdim = d_model if kdim is None else kdim
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(kdim)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=kdim, vdim=kdim, batch_first=True)
+
+    def forward(self, query, context, key_padding_mask=None):
+        kv = self.ln_k(context)
+        if key_padding_mask is None:
+            out, _ = self.attn(self.ln_q(query), kv, kv, need_weights=False)
+        else:
+            empty = key_padding_mask.all(dim=1)
+            out, _ = self.attn(self.ln_q(query), kv, kv, key_padding_mask=key_padding_mask & ~empty[:, None],
+                               need_weights=False)
+            out = torch.where(empty[:, None, None], 0.0, out)
+        return F.normalize(query + out, dim=-1)
+
+
+@pytest.mark.parametrize("kdim", [None, 48], ids=["kdim=d", "kdim!=d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["upstream-unmasked", "padding-masked"])
+def test_pooler_matches_multihead_attention(kdim, masked):
+    torch.manual_seed(0)
+    reference = MultiheadAttentionPooler(64, 8, kdim).double()
+    with torch.no_grad():  # non-trivial LayerNorm and bias values
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = cosmos_fast.nn.CrossAttentionPooler(64, 8, kdim).double()
+    ours.load_state_dict(reference.state_dict())  # strict: the parameter names are upstream's
+    query = torch.randn(5, 8, 64, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(5, 30, kdim or 64, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask(5, 30, seed=2) if masked else None
+    out_ref = reference(query, context, mask)
+    grads_ref = torch.autograd.grad(out_ref.sum(), [query, context, *reference.parameters()])
+    out = ours(query, context, mask)
+    grads = torch.autograd.grad(out.sum(), [query, context, *ours.parameters()])
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+    names = ["query", "context"] + [n for n, _ in ours.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_pooler_options_and_fp32():
+    pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4)
+    query, context = torch.randn(2, 8, 32), torch.randn(2, 12, 32)
+    plain = pooler(query, context, residual=False, normalize=False)
+    torch.testing.assert_close(pooler(query, context, residual=True, normalize=False), query + plain)
+    torch.testing.assert_close(pooler(query, context), F.normalize(query + plain, dim=-1))
