@@ -49,9 +49,16 @@ def _cuda_extension_available() -> bool:
     return _extension.load() is not None
 
 
-def select_backend(x: torch.Tensor, fast: tuple[str, ...] = ("triton",)) -> str:
-    """Backend for an op whose main input is ``x``; ``fast`` lists the op's fast paths, preferred first."""
+def select_backend(x: torch.Tensor, fast: tuple[str, ...] = ("triton",), supported: bool = True) -> str:
+    """Backend for an op whose main input is ``x``; ``fast`` lists the op's fast paths, preferred first.
+
+    ``supported=False`` says the fast paths do not cover this call's shapes (the PyTorch path, which for
+    attention is SDPA with its own best kernel, serves better); forcing a fast path then is an error."""
     forced = forced_backend()
+    if not supported:
+        if forced in fast:
+            raise ValueError(f"{ENV_VAR}={forced}: this op's {forced} path does not support these shapes")
+        return "torch"
     if forced == "torch":
         return "torch"
     if forced == "cuda" and "cuda" in fast:

@@ -30,7 +30,7 @@ def padding_mask(B, Lk, seed):
 @pytest.mark.parametrize("Dh", [32, 64, 80, 96, 128])
 @pytest.mark.parametrize("Lk", [1, 77, 196, 257])
 @pytest.mark.parametrize("Lq", [1, 8, 25])
-def test_matches_float64(Lq, Lk, Dh, dtype):
+def test_matches_float64(backend, Lq, Lk, Dh, dtype):
     B, H = 3, 2
     mask = padding_mask(B, Lk, seed=Lq + Lk)
     assert_accurate(
@@ -40,7 +40,7 @@ def test_matches_float64(Lq, Lk, Dh, dtype):
     )
 
 
-def test_fully_masked_queries_give_zeros_and_zero_gradients():
+def test_fully_masked_queries_give_zeros_and_zero_gradients(backend):
     q, k, v = (x.float().requires_grad_() for x in qkv(3, 8, 77, 2, 32, seed=0))
     mask = padding_mask(3, 77, seed=1)
     out = cosmos_fast.cross_attention(q, k, v, mask)
@@ -52,10 +52,32 @@ def test_fully_masked_queries_give_zeros_and_zero_gradients():
     assert q.grad[0].abs().sum() > 0
 
 
-def test_no_mask_and_custom_scale():
+def test_no_mask_and_custom_scale(backend):
     q, k, v = qkv(2, 8, 10, 2, 16, seed=3)
-    torch.testing.assert_close(cosmos_fast.cross_attention(q, k, v, scale=0.3),
-                               cross_attention_reference(q, k, v, scale=0.3))
+    torch.testing.assert_close(cosmos_fast.cross_attention(q.float(), k.float(), v.float(), scale=0.3),
+                               cross_attention_reference(q, k, v, scale=0.3).float())
+
+
+def test_long_query_sets_take_the_pytorch_path(monkeypatch):
+    """Lq > 64 is SDPA's (the Triton kernel holds all queries of a pair in one tile); forcing Triton says so."""
+    q, k, v = (x.float() for x in qkv(2, 65, 10, 2, 16, seed=4))
+    torch.testing.assert_close(cosmos_fast.cross_attention(q, k, v), cross_attention_reference(q, k, v))
+    monkeypatch.setenv("COSMOS_FAST_BACKEND", "triton")
+    with pytest.raises(ValueError, match="does not support these shapes"):
+        cosmos_fast.cross_attention(q, k, v)
+
+
+def test_opcheck(backend):
+    if backend != "triton":
+        pytest.skip("the custom ops wrap the Triton kernels")
+    from cosmos_fast.ops.attention import op
+
+    q, k, v = (x.float().requires_grad_() for x in qkv(3, 8, 20, 2, 16, seed=5))
+    mask = padding_mask(3, 20, seed=6)
+    torch.library.opcheck(op.cross_attention_fwd, (q, k, v, mask, 0.25))
+    out, lse = op.cross_attention_fwd(q, k, v, mask, 0.25)
+    torch.library.opcheck(op.cross_attention_bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask,
+                                                   out.detach(), lse, 0.25))
 
 
 Q, K = torch.zeros(2, 8, 2, 16), torch.zeros(2, 20, 2, 16)
@@ -124,9 +146,39 @@ def test_pooler_matches_multihead_attention(kdim, masked):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=name)
 
 
+def test_pooler_fp32_matches_float64(backend):
+    """The pooler on the fast path (fp32) against the float64 nn.MultiheadAttention pooler."""
+    torch.manual_seed(1)
+    reference = MultiheadAttentionPooler(64, 8, 48).double()
+    ours = cosmos_fast.nn.CrossAttentionPooler(64, 8, 48)
+    ours.load_state_dict(reference.state_dict())
+    query, context = torch.randn(5, 8, 64, dtype=torch.float64), torch.randn(5, 77, 48, dtype=torch.float64)
+    mask = padding_mask(5, 77, seed=3)
+    leaves = [query.float().requires_grad_(), context.float().requires_grad_()]
+    out = ours(*leaves, mask)
+    grads = torch.autograd.grad(out.sum(), leaves + list(ours.parameters()))
+    leaves64 = [query.requires_grad_(), context.requires_grad_()]
+    out64 = reference(*leaves64, mask)
+    grads64 = torch.autograd.grad(out64.sum(), leaves64 + list(reference.parameters()))
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-6)
+    names = ["query", "context"] + [n for n, _ in ours.named_parameters()]
+    for name, g, g64 in zip(names, grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_pooler_options_and_fp32():
     pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4)
     query, context = torch.randn(2, 8, 32), torch.randn(2, 12, 32)
     plain = pooler(query, context, residual=False, normalize=False)
     torch.testing.assert_close(pooler(query, context, residual=True, normalize=False), query + plain)
     torch.testing.assert_close(pooler(query, context), F.normalize(query + plain, dim=-1))
+
+
+def test_pooler_compiles_without_graph_breaks(backend):
+    pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4)
+    query, context = torch.randn(3, 8, 32, requires_grad=True), torch.randn(3, 20, 32)
+    mask = padding_mask(3, 20, seed=7)
+    compiled = torch.compile(pooler, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(query, context, mask), pooler(query, context, mask))
+    compiled(query, context, mask).sum().backward()
+    assert torch.isfinite(query.grad).all()

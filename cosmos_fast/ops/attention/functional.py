@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._dispatch import select_backend
 from ..._validation import check_float_tensor, check_same_device, check_same_dtype
 from . import torch_impl
 
@@ -18,6 +19,9 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
 
     Returns:
         [B, Lq, H, Dh] in q's dtype. A sample whose keys are all masked gets zeros (and zero gradients).
+
+    CUDA tensors with Lq <= 64 and Dh <= 128 take the Triton kernel (registered as ``cosmos_fast::
+    cross_attention_*``); other shapes and CPU tensors ``F.scaled_dot_product_attention``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, x, 4)
@@ -37,4 +41,12 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
                              f"{tuple(key_padding_mask.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
-    return torch_impl.cross_attention(q, k, v, key_padding_mask, None if scale is None else float(scale))
+    scale = Dh ** -0.5 if scale is None else float(scale)
+    from .triton_kernels import MAX_HEAD_DIM, MAX_QUERIES
+
+    # The Triton kernel holds a (sample, head) pair's queries in one tile; SDPA serves longer query sets.
+    if select_backend(q, supported=q.shape[1] <= MAX_QUERIES and Dh <= MAX_HEAD_DIM) == "triton":
+        from .op import cross_attention_fwd
+
+        return cross_attention_fwd(q, k, v, key_padding_mask, scale)[0]
+    return torch_impl.cross_attention(q, k, v, key_padding_mask, scale)

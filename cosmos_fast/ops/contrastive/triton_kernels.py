@@ -26,15 +26,9 @@ import triton
 import triton.language as tl
 
 from ..._dispatch import triton_interpreted
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b in fp32. Under the Triton interpreter, whose bf16 dot is wrong, the (exact) fp32 upcast
-    of the operands is multiplied instead: the same products, the same fp32 accumulation."""
-    if PRECISION == "interpreter":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+from ..triton_utils import dot_precision as _precision
+from ..triton_utils import mma as _mma
+from ..triton_utils import pow2_at_least_16 as _pow2_at_least_16
 
 
 @triton.jit
@@ -350,10 +344,6 @@ def _symmetric_grad_kernel(A, B, TA, TB, MASK, SCALE, TSCALE, GRAD_AB, LSE_AB, T
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration
 
-def _pow2_at_least_16(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps, num_stages) per kernel and operand width in bytes.
 # fp32 tiles are halved: at the 16-bit sizes the backward needs more shared memory than an H100 has.
 DEFAULT_CONFIGS = {
@@ -379,13 +369,6 @@ def _config(kind: str, D: int, dtype: torch.dtype) -> dict:
     d_pow2 = _pow2_at_least_16(D)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, d_pow2), BLOCK_DO=min(bdo or d_pow2, d_pow2),
                 num_warps=warps, num_stages=stages)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if triton_interpreted():
-        return "interpreter"
-    # fp32 inputs keep fp32 accuracy through three TF32 products; bf16/fp16 ignore it.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _scalars(scale: torch.Tensor, t_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

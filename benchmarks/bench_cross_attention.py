@@ -1,0 +1,175 @@
+"""Cross-attention and the COSMOS pooler, forward + backward: cosmos_fast against its peers in one run.
+
+Shapes (``kernels.md`` section 2): COSMOS, per sample 8 queries over 77 text tokens or 196 image patches, d = 512
+in 8 heads of 64, at B = 256 and 1024; SIMLA, 25 text queries over 257 image tokens and the reverse (257 over 25,
+which cosmos_fast hands to SDPA). Two levels:
+- "attention": the op alone on [B, L, H, Dh] bf16 tensors with a key padding mask: ours, SDPA with each of its
+  backends (flash, efficient, math; a backend that refuses the inputs is reported as such), xformers'
+  memory-efficient attention where installed;
+- "pooler": LayerNorms, projections, attention, out-projection, residual and L2 norm under bf16 autocast:
+  ``cosmos_fast.nn.CrossAttentionPooler``, the eager ``nn.MultiheadAttention`` pooler of upstream COSMOS, and
+  ``torch.compile`` of it.
+Ours is checked against the float64 reference on the GPU first. Results: ``benchmarks/results/cross_attention``.
+
+Usage: python benchmarks/bench_cross_attention.py [--quick]
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common import bench_args, bar_plot, measure, print_table, require_cuda, save_results
+
+import cosmos_fast
+from cosmos_fast.ops.attention.reference import cross_attention_reference
+
+NAME = "cross_attention"
+D_MODEL, HEADS = 512, 8
+SHAPES = [("cosmos text", 256, 8, 77), ("cosmos image", 1024, 8, 196), ("cosmos text", 1024, 8, 77),
+          ("cosmos image", 256, 8, 196), ("simla t->i", 512, 25, 257), ("simla i->t", 512, 257, 25)]
+QUICK_SHAPES = SHAPES[:2]
+GOALS = {("pooler", 1024, 196): 2.5, ("pooler", 256, 77): 0.8}  # ms, fwd+bwd (kernels.md)
+
+
+class MultiheadAttentionPooler(nn.Module):
+    """Upstream COSMOS's module: nn.MultiheadAttention with LayerNorms, residual and L2 norm outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln_q, self.ln_k = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
+        self.attn = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+
+    def forward(self, query, context, key_padding_mask=None):
+        kv = self.ln_k(context)
+        out, _ = self.attn(self.ln_q(query), kv, kv, key_padding_mask=key_padding_mask, need_weights=False)
+        return F.normalize(query + out, dim=-1)
+
+
+def padding(B, Lk):
+    mask = torch.rand(B, Lk, device="cuda") < 0.3
+    mask[:, 0] = False  # every sample keeps a token, so every peer is defined
+    return mask
+
+
+def attention_inputs(B, Lq, Lk):
+    def make():
+        q, k, v = (torch.randn(B, L, HEADS, D_MODEL // HEADS, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for L in (Lq, Lk, Lk))
+        return q, k, v, padding(B, Lk), torch.randn(B, Lq, HEADS, D_MODEL // HEADS, device="cuda",
+                                                    dtype=torch.bfloat16)
+    return make
+
+
+def ours_attention(q, k, v, mask, grad):
+    out = cosmos_fast.cross_attention(q, k, v, mask)
+    return torch.autograd.grad(out, (q, k, v), grad)
+
+
+def sdpa(backend):
+    def run(q, k, v, mask, grad):
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=~mask[:, None, None, :]).transpose(1, 2)
+        return torch.autograd.grad(out, (q, k, v), grad)
+    return run
+
+
+def xformers_attention():
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return None
+
+    def run(q, k, v, mask, grad):
+        bias = torch.zeros(mask.shape[0], HEADS, q.shape[1], mask.shape[1], device="cuda", dtype=q.dtype)
+        bias.masked_fill_(mask[:, None, None, :], float("-inf"))
+        out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+        return torch.autograd.grad(out, (q, k, v), grad)
+    return run
+
+
+def pooler_inputs(B, Lq, Lk):
+    def make():
+        query = torch.randn(B, Lq, D_MODEL, device="cuda", requires_grad=True)
+        context = torch.randn(B, Lk, D_MODEL, device="cuda", requires_grad=True)
+        return query, context, padding(B, Lk), torch.randn(B, Lq, D_MODEL, device="cuda")
+    return make
+
+
+def pooler_step(module):
+    params = list(module.parameters())
+
+    def run(query, context, mask, grad):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(query, context, mask)
+        return torch.autograd.grad(out, [query, context] + params, grad.to(out.dtype))
+    return run
+
+
+def check() -> dict:
+    """Ours against float64 at a COSMOS shape (bf16 inputs): worst relative error of output and gradients."""
+    B, Lq, Lk = 64, 8, 77
+    mask = padding(B, Lk)
+    q64, k64, v64 = (torch.randn(B, L, HEADS, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+                     for L in (Lq, Lk, Lk))
+    grad = torch.randn(B, Lq, HEADS, 64, device="cuda", dtype=torch.float64)
+    ref = cross_attention_reference(q64, k64, v64, mask)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad)
+    q, k, v = (x.detach().bfloat16().requires_grad_() for x in (q64, k64, v64))
+    out = cosmos_fast.cross_attention(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v), grad.bfloat16())
+    errors = {name: ((a.double() - b).norm() / b.norm()).item()
+              for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
+    return {"case": "cosmos text B=64", "dtype": "bf16", "errors": errors, "passed": max(errors.values()) < 2e-2}
+
+
+def main() -> int:
+    args = bench_args(__doc__.splitlines()[0]).parse_args()
+    require_cuda("bench_cross_attention")
+    checks = [check()]
+    print(f"check: {checks[0]}")
+    notes = []
+    xformers_run = xformers_attention()
+    if xformers_run is None:
+        notes.append("xformers not installed: skipped")
+    rows = []
+    mha = MultiheadAttentionPooler().cuda()
+    ours_pooler = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda()
+    ours_pooler.load_state_dict(mha.state_dict())
+    compiled_mha = torch.compile(mha)
+    for case, B, Lq, Lk in QUICK_SHAPES if args.quick else SHAPES:
+        attention = [("cosmos_fast", ours_attention)] + [
+            (f"sdpa {b.name.lower()}", sdpa(b)) for b in
+            (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)]
+        if xformers_run is not None:
+            attention.append(("xformers", xformers_run))
+        poolers = [("cosmos_fast pooler", pooler_step(ours_pooler)), ("eager MHA pooler", pooler_step(mha)),
+                   ("torch.compile MHA pooler", pooler_step(compiled_mha))]
+        for level, impls, make in (("attention", attention, attention_inputs(B, Lq, Lk)),
+                                   ("pooler", poolers, pooler_inputs(B, Lq, Lk))):
+            for impl, fn in impls:
+                result = measure(fn, make, reps=100)
+                goal = GOALS.get((level, B, Lk)) if impl.startswith("cosmos_fast") and Lq == 8 else None
+                row = {"case": f"{level}: {case}", "impl": impl, "dtype": "bf16", "N": B, "Lq": Lq, "Lk": Lk,
+                       **result, "goal": None if goal is None else f"<= {goal} ms",
+                       "met": None if goal is None else ("yes" if (result["ms"] or 1e9) <= goal else "no")}
+                rows.append(row)
+                print(f"{row['case']} B={B} Lq={Lq} Lk={Lk} {impl}: {result['ms']} ms ({result['status']})",
+                      flush=True)
+                save_results(NAME, rows, {"checks": checks, "notes": notes})
+    bar_plot(NAME, [dict(r, label=f"{r['case']} B={r['N']}") for r in rows if r["ms"] is not None],
+             label=("label", "impl"), values=("ms",), title=f"cross-attention fwd+bwd, {torch.cuda.get_device_name()}")
+    print()
+    print_table(rows, ["case", "N", "Lq", "Lk", "impl", "ms", ("peak_gib", "GiB"), "goal", "met", "status"])
+    if not checks[0]["passed"]:
+        print("ACCURACY CHECK FAILED")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
