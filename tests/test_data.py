@@ -1,0 +1,66 @@
+"""Built-in dataset, multi-crop and text-crop augmentation, and the preview command."""
+import random
+
+import pytest
+import torch
+
+from cosmos_fast.data import MultiCrop, ShapesDataset, crop_text, sentence_pool
+from cosmos_fast.data import preview
+
+
+def test_shapes_dataset_is_deterministic_and_splits_differ():
+    a, b = ShapesDataset("train", size=20, seed=3), ShapesDataset("train", size=20, seed=3)
+    for i in (0, 7, 19):
+        x, y = a[i], b[i]
+        assert x["raw_caption"] == y["raw_caption"] and x["long_captions"] == y["long_captions"]
+        assert x["image"].tobytes() == y["image"].tobytes()
+        assert 0 <= x["label"] < len(ShapesDataset.classes)
+        assert ShapesDataset.classes[x["label"]] in x["raw_caption"]
+    heldout = ShapesDataset("heldout", size=20, seed=3)
+    assert [heldout[i]["image"].tobytes() for i in range(5)] != [a[i]["image"].tobytes() for i in range(5)]
+    labels = {a[i]["label"] for i in range(20)}
+    assert len(labels) >= 3  # the classes are actually mixed
+    with pytest.raises(IndexError):
+        a[20]
+    with pytest.raises(ValueError, match="split must be one of"):
+        ShapesDataset("test")
+
+
+@pytest.mark.parametrize("global_size,local_size", [(64, 32), (224, 96)])
+def test_multicrop_counts_sizes_dtypes(global_size, local_size):
+    image = ShapesDataset(size=1, image_size=global_size)[0]["image"]
+    crops = MultiCrop(global_size, local_size)(image)
+    assert len(crops) == 8
+    assert [tuple(c.shape) for c in crops] == [(3, global_size, global_size)] * 2 + [(3, local_size, local_size)] * 6
+    assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+    assert crops[0].abs().max() > 0.5  # normalised, not left in [0, 1] or uint8
+
+
+def test_sentence_pool_and_fallback():
+    pool = sentence_pool("A dog runs.", ["The dog is brown. It runs fast.\nThe sky is blue.", "A dog runs"])
+    assert pool == ["A dog runs", "The dog is brown", "It runs fast", "The sky is blue"]
+    assert sentence_pool("...", []) == ["..."]  # nothing usable: the raw caption itself
+    assert sentence_pool("", []) == []
+
+
+def test_text_crops_counts_and_determinism():
+    pool = [f"sentence {i}" for i in range(10)]
+    crops = crop_text(pool, random.Random(5))
+    assert crops == crop_text(pool, random.Random(5))
+    assert crops != crop_text(pool, random.Random(6))
+    assert len(crops) == 8
+    for caption in crops[:2]:
+        parts = caption.split(". ")
+        assert 1 <= len(parts) <= 5 and len(set(parts)) == len(parts)  # without replacement
+    locals_ = crops[2:]
+    assert all(c in pool for c in locals_) and len(set(locals_)) == 6
+    small = crop_text(["only one", "two"], random.Random(0))
+    assert sorted(set(small[2:])) == ["only one", "two"]  # repeats only because the pool is too small
+    with pytest.raises(ValueError, match="at least one sentence"):
+        crop_text([], random.Random(0))
+
+
+def test_preview_writes_a_png(tmp_path):
+    out = tmp_path / "crops.png"
+    preview.main(["--out", str(out), "--image-size", "64"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
