@@ -25,7 +25,7 @@ def render(sample: dict, crops: list[torch.Tensor], captions: list[str], path: s
     except ImportError as exc:
         raise SystemExit("the preview needs matplotlib: pip install matplotlib") from exc
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    fig, axes = plt.subplots(2, 5, figsize=(16, 9), gridspec_kw={"hspace": 0.5})
+    fig, axes = plt.subplots(2, 5, figsize=(16, 7), gridspec_kw={"hspace": 0.35})
     axes[0, 0].imshow(sample["image"])
     axes[0, 0].set_title("original", fontsize=9)
     cells = [ax for row in axes for ax in row][1:]
@@ -38,7 +38,7 @@ def render(sample: dict, crops: list[torch.Tensor], captions: list[str], path: s
         ax.axis("off")
     axes[1, 4].set_visible(False)
     fig.suptitle(f"{sample['key']}: 2 global + 6 local crops with their 8 captions", fontsize=11)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
