@@ -35,6 +35,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         draw.rectangle((x0, y0 + h, x1, y1 - h), fill=fill)
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _position(cx: float, cy: float, size: int) -> str:
     vertical = "top" if cy < size / 3 else "bottom" if cy > 2 * size / 3 else ""
     horizontal = "left" if cx < size / 3 else "right" if cx > 2 * size / 3 else ""
@@ -79,7 +83,7 @@ class ShapesDataset:
             _draw(draw, shape, (int(x0), int(y0), int(x0 + extent), int(y0 + extent)), COLORS[color])
             objects.append((shape, color, "large" if large else "small",
                             _position(x0 + extent / 2, y0 + extent / 2, s)))
-        sentences = [f"a {size} {color} {shape} {where}" for shape, color, size, where in objects]
+        sentences = [f"{_a(size)} {color} {shape} {where}" for shape, color, size, where in objects]
         sentences.append(f"the background is {background}")
         if len(objects) > 1:
             sentences.append(f"there are {len(objects)} shapes in the picture")
@@ -87,7 +91,7 @@ class ShapesDataset:
         return {
             "key": f"{self.split}-{index:08d}",
             "image": image,
-            "raw_caption": f"a picture of a {main_color} {main_shape}",
+            "raw_caption": f"a picture of {_a(main_color)} {main_shape}",
             "long_captions": [". ".join(sentences) + "."],
             "label": SHAPES.index(main_shape),
         }
