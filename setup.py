@@ -31,6 +31,7 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
+TRAIN_REQUIRES = ["torchvision", "timm>=1.0", "open_clip_torch>=2.24", "webdataset", "pillow"]
 
 setup(
     name="cosmos_fast",
@@ -42,8 +43,10 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "numpy", "pyyaml", "tqdm"],
     extras_require={
+        # the COSMOS model and data (cosmos_fast.models, cosmos_fast.data): the field's own libraries
+        "train": TRAIN_REQUIRES,
         # triton ships with CUDA builds of torch; the CPU tests run its interpreter.
-        "dev": ["pytest>=8", "pytest-benchmark", "matplotlib", "triton>=3.2", "pybind11", "ninja"],
+        "dev": ["pytest>=8", "pytest-benchmark", "matplotlib", "triton>=3.2", "pybind11", "ninja", *TRAIN_REQUIRES],
         # Peers measured side by side in benchmarks/ where they install.
         "peers": ["xformers", "inf-cl"],
     },

@@ -1,0 +1,152 @@
+"""The COSMOS model (``cosmos.md``, Towers and Cross-attention module) on the field's libraries: a timm
+VisionTransformer (dynamic image size: 96 px local crops interpolate the position embedding), open_clip's CLIP
+text transformer and BPE tokenizer, two token mappings, two cross-attention poolers and two temperatures."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..nn import CrossAttentionPooler
+
+
+@dataclass(frozen=True)
+class CosmosConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    embed_dim: int = 512
+    cross_heads: int = 8
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+
+
+CONFIGS = {
+    "vit-b16": CosmosConfig(),
+    # small enough to train on 2 CPU cores in minutes
+    "tiny": CosmosConfig(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3,
+                         context_length=32, text_width=128, text_layers=4, text_heads=4, embed_dim=128,
+                         cross_heads=4),
+}
+
+
+def config(name: str, **overrides) -> CosmosConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"model config must be one of {tuple(CONFIGS)}, got {name!r}")
+    return replace(CONFIGS[name], **overrides)
+
+
+class Tokenizer:
+    """open_clip's CLIP BPE tokenizer (its vocabulary ships with the package: nothing is downloaded)."""
+
+    def __init__(self, context_length: int = 77):
+        self.context_length = context_length
+        self._bpe = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """[N, context_length] int64 ids: start, text (truncated), end, zero padding."""
+        return self._bpe(texts, context_length=self.context_length)
+
+
+def trim_to_longest(ids: torch.Tensor) -> torch.Tensor:
+    """Cut a batch of token ids to its longest caption (the end token, the largest id, ends each caption):
+    the text tower's output is the same, and short captions cost a fraction of the context length."""
+    return ids[:, : int(ids.argmax(dim=-1).max()) + 1]
+
+
+class CosmosModel(nn.Module):
+    def __init__(self, cfg: CosmosConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size,
+                                        embed_dim=cfg.vision_width, depth=cfg.vision_layers,
+                                        num_heads=cfg.vision_heads, num_classes=0, pre_norm=True,
+                                        dynamic_img_size=True, norm_layer=nn.LayerNorm)  # CLIP's eps, 1e-5
+        self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        self.text = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
+                                    width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
+                                    output_dim=cfg.embed_dim)
+        self.image_token_mapping = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_token_mapping = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.image_pooler = CrossAttentionPooler(cfg.embed_dim, cfg.cross_heads)  # image queries, text keys
+        self.text_pooler = CrossAttentionPooler(cfg.embed_dim, cfg.cross_heads)  # caption queries, patch keys
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        self.distill_logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, S, S] (any S divisible by the patch size) -> (embedding [B, E] unnormalised,
+        patch tokens [B, P, vision_width] after the final LayerNorm, no [CLS])."""
+        tokens = self.visual.forward_features(images)
+        return self.image_projection(tokens[:, 0]), tokens[:, 1:]
+
+    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, L] (L <= context length; trimmed batches welcome) -> (embedding [B, E] unnormalised, pooled at
+        the end token; token outputs [B, L, text_width] after the final LayerNorm)."""
+        text = self.text
+        length = ids.shape[1]
+        x = text.token_embedding(ids) + text.positional_embedding[:length]
+        x = text.transformer(x, attn_mask=text.attn_mask[:length, :length])
+        x = text.ln_final(x)
+        pooled = x[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        return pooled @ text.text_projection, x
+
+    @torch.no_grad()
+    def clamp_logit_scales_(self) -> None:
+        """Keep both temperatures in [0, ln 100] (after every optimizer step, as upstream)."""
+        for p in (self.logit_scale, self.distill_logit_scale):
+            p.clamp_(0, self.config.max_logit_scale)
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, captions: torch.Tensor,
+                mask_padding: bool = True) -> dict[str, torch.Tensor]:
+        """One COSMOS student pass.
+
+        Args:
+            global_crops: [2, B, 3, S, S]; local_crops: [V, B, 3, s, s]; captions: [C, B, L] token ids
+                (2 global captions first).
+            mask_padding: mask padded caption positions in the cross-attention (ours); False attends to them,
+                as upstream does.
+        Returns (all normalised): "image" [2 + V, B, E] and "text" [C, B, E] tower embeddings, "cross_image"
+        [2 + V, B, E] and "cross_text" [C, B, E] cross-attended outputs; "logit_scale", "distill_logit_scale"
+        (exponentiated).
+        """
+        n_global, B = global_crops.shape[:2]
+        g_emb, g_patches = self.encode_image(global_crops.flatten(0, 1))
+        l_emb, _ = self.encode_image(local_crops.flatten(0, 1))
+        image = torch.cat([g_emb.view(n_global, B, -1), l_emb.view(local_crops.shape[0], B, -1)])
+        C = captions.shape[0]
+        ids = captions.flatten(0, 1)
+        # each caption group runs at its own longest length (local captions are one sentence); unmasked
+        # (upstream) keys keep the whole context, padding included
+        global_ids = trim_to_longest(ids[: 2 * B]) if mask_padding else ids[: 2 * B]
+        text_parts = [self.encode_text(global_ids)]
+        if C > 2:
+            text_parts.append(self.encode_text(trim_to_longest(ids[2 * B:])))
+        text = torch.cat([emb for emb, _ in text_parts]).view(C, B, -1)
+        first_caption_ids = global_ids[:B]
+        first_caption_tokens = text_parts[0][1][:B]
+        # keys of the image side: the first global caption's tokens; of the text side: the first global crop's patches
+        text_keys = self.text_token_mapping(first_caption_tokens)
+        patch_keys = self.image_token_mapping(g_patches[:B])
+        padding = None
+        if mask_padding:  # positions after each caption's end token
+            padding = torch.arange(text_keys.shape[1], device=ids.device)[None, :] > first_caption_ids.argmax(-1)[:, None]
+        cross_image = self.image_pooler(image.transpose(0, 1), text_keys, padding).transpose(0, 1)
+        cross_text = self.text_pooler(text.transpose(0, 1), patch_keys).transpose(0, 1)
+        return {
+            "image": F.normalize(image, dim=-1), "text": F.normalize(text, dim=-1),
+            "cross_image": cross_image, "cross_text": cross_text,
+            "logit_scale": self.logit_scale.exp(), "distill_logit_scale": self.distill_logit_scale.exp(),
+        }

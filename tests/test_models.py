@@ -1,0 +1,86 @@
+"""The COSMOS model: open_clip conversion, dynamic-length text, padding masks, shapes."""
+import pytest
+import torch
+
+from cosmos_fast.models import CosmosModel, Tokenizer, config, load_open_clip_weights, trim_to_longest
+
+CAPTIONS = ["a red circle", "a large blue square at the top left of a gray picture", "two shapes",
+            "the background is black and there is a small yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return CosmosModel(config("tiny")).double().eval()
+
+
+def test_open_clip_vit_b16_converts_exactly():
+    open_clip = pytest.importorskip("open_clip")
+    reference = open_clip.create_model("ViT-B-16", pretrained=None).double().eval()
+    ours = CosmosModel(config("vit-b16")).double().eval()
+    missing = load_open_clip_weights(ours, reference.state_dict())
+    assert all(k.split(".")[0] in {"image_token_mapping", "text_token_mapping", "image_pooler", "text_pooler",
+                                   "distill_logit_scale"} for k in missing)
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    ids = Tokenizer()(CAPTIONS[:2])
+    with torch.no_grad():
+        for expected, got in ((reference.encode_image(images), ours.encode_image(images)[0]),
+                              (reference.encode_text(ids), ours.encode_text(ids)[0])):
+            assert ((got - expected).norm() / expected.norm()).item() <= 1e-6
+
+
+def test_dynamic_length_text_equals_padded(tiny):
+    ids = Tokenizer(context_length=32)(CAPTIONS)
+    short = trim_to_longest(ids)
+    assert short.shape[1] < ids.shape[1]
+    with torch.no_grad():
+        full_emb, full_tokens = tiny.encode_text(ids)
+        emb, tokens = tiny.encode_text(short)
+    torch.testing.assert_close(emb, full_emb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tokens, full_tokens[:, : short.shape[1]], rtol=1e-12, atol=1e-12)
+
+
+def batch(B, global_size=64, local_size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    global_crops = torch.randn(2, B, 3, global_size, global_size, generator=g, dtype=torch.float64)
+    local_crops = torch.randn(6, B, 3, local_size, local_size, generator=g, dtype=torch.float64)
+    texts = [[CAPTIONS[(c + b) % len(CAPTIONS)] for b in range(B)] for c in range(8)]
+    captions = torch.stack([Tokenizer(context_length=32)(t) for t in texts])
+    return global_crops, local_crops, captions
+
+
+def test_forward_shapes_and_normalisation(tiny):
+    with torch.no_grad():
+        out = tiny(*batch(3))
+    E = tiny.config.embed_dim
+    assert out["image"].shape == (8, 3, E) and out["text"].shape == (8, 3, E)
+    assert out["cross_image"].shape == (8, 3, E) and out["cross_text"].shape == (8, 3, E)
+    for key in ("image", "text", "cross_image", "cross_text"):
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(8, 3, dtype=torch.float64))
+    torch.testing.assert_close(out["logit_scale"], torch.tensor(1 / 0.07, dtype=torch.float64))
+
+
+def test_padding_masked_output_equals_output_without_padding(tiny):
+    """Masking a caption's padding gives what the sample gets when its caption has no padding at all (alone in
+    its batch, trimmed to its own length)."""
+    global_crops, local_crops, captions = batch(4)
+    with torch.no_grad():
+        batched = tiny(global_crops, local_crops, captions)
+        for b in range(4):
+            alone = tiny(global_crops[:, b:b + 1], local_crops[:, b:b + 1], captions[:, b:b + 1])
+            for key in ("cross_image", "cross_text", "image", "text"):
+                torch.testing.assert_close(batched[key][:, b], alone[key][:, 0], rtol=1e-10, atol=1e-12, msg=key)
+        unmasked = tiny(global_crops, local_crops, captions, mask_padding=False)
+    assert not torch.allclose(unmasked["cross_image"], batched["cross_image"])  # upstream attends to padding
+
+
+def test_logit_scales_are_clamped():
+    model = CosmosModel(config("tiny"))
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)
+        model.distill_logit_scale.fill_(-1.0)
+    model.clamp_logit_scales_()
+    assert model.logit_scale.item() == pytest.approx(model.config.max_logit_scale)
+    assert model.distill_logit_scale.item() == 0.0
+    with pytest.raises(ValueError, match="model config must be one of"):
+        config("vit-h14")
