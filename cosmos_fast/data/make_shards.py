@@ -1,0 +1,48 @@
+"""Write webdataset shards from the built-in shapes dataset, a folder of images with .txt captions, or a
+CSV/JSONL caption file.
+
+Usage:
+  python -m cosmos_fast.data.make_shards --out shards/ --source shapes --size 2000 [--split train]
+  python -m cosmos_fast.data.make_shards --out shards/ --source folder --path images/
+  python -m cosmos_fast.data.make_shards --out shards/ --source captions --path pairs.csv [--image-root DIR]
+"""
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from .shards import CaptionFileDataset, iterate_folder, write_shards
+from .synthetic import ShapesDataset
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the .tar shards")
+    parser.add_argument("--source", choices=("shapes", "folder", "captions"), default="shapes")
+    parser.add_argument("--path", help="the folder (--source folder) or the CSV/JSONL file (--source captions)")
+    parser.add_argument("--image-root", help="root of the caption file's image paths (default: its folder)")
+    parser.add_argument("--size", type=int, default=2000, help="samples of the shapes dataset")
+    parser.add_argument("--split", default="train", help="split of the shapes dataset")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    args = parser.parse_args(argv)
+    if args.source == "shapes":
+        dataset = ShapesDataset(args.split, size=args.size, image_size=args.image_size, seed=args.seed)
+        samples = (dataset[i] for i in range(len(dataset)))
+        total = len(dataset)
+    elif args.path is None:
+        parser.error(f"--source {args.source} needs --path")
+    elif args.source == "folder":
+        samples, total = iterate_folder(args.path), None
+    else:
+        dataset = CaptionFileDataset(args.path, args.image_root)
+        samples = (s for s in (dataset[i] for i in range(len(dataset))) if s is not None)
+        total = len(dataset)
+    shards = write_shards(tqdm(samples, total=total, desc="writing shards"), args.out, max_count=args.max_count)
+    print(f"wrote {len(shards)} shards to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
