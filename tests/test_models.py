@@ -29,6 +29,25 @@ def test_open_clip_vit_b16_converts_exactly():
             assert ((got - expected).norm() / expected.norm()).item() <= 1e-6
 
 
+def test_cosmos_checkpoint_student_and_teacher(tiny):
+    """Upstream COSMOS checkpoints: {"student": ..., "teacher": ...}, DDP's "module." prefix, extra modules."""
+    source = CosmosModel(config("tiny"))
+    open_clip_names = {
+        "visual.class_embedding": source.visual.cls_token.reshape(-1), "logit_scale": torch.tensor(2.0),
+        "text_projection": source.text.text_projection, "module.ln_final.weight": torch.full((128,), 0.5),
+    }
+    checkpoint = {"student": dict(open_clip_names, **{"module.cross_module.weight": torch.zeros(3)}),
+                  "teacher": {"logit_scale": torch.tensor(3.0)}}
+    with pytest.raises(KeyError, match="cross_module"):
+        load_open_clip_weights(tiny, checkpoint)
+    model = CosmosModel(config("tiny"))
+    load_open_clip_weights(model, checkpoint, ignore_unknown=True)
+    assert model.logit_scale.item() == 2.0 and torch.equal(model.text.ln_final.weight, torch.full((128,), 0.5))
+    torch.testing.assert_close(model.visual.cls_token, source.visual.cls_token)
+    load_open_clip_weights(model, checkpoint, which="teacher")
+    assert model.logit_scale.item() == 3.0
+
+
 def test_dynamic_length_text_equals_padded(tiny):
     ids = Tokenizer(context_length=32)(CAPTIONS)
     short = trim_to_longest(ids)
@@ -84,3 +103,23 @@ def test_logit_scales_are_clamped():
     assert model.distill_logit_scale.item() == 0.0
     with pytest.raises(ValueError, match="model config must be one of"):
         config("vit-h14")
+
+
+def test_data_pipeline_feeds_the_model(tiny):
+    """Shapes samples -> CosmosTransform -> collate_views -> the tiny model: the shapes the model takes."""
+    from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views
+
+    transform = CosmosTransform(Tokenizer(context_length=32), global_size=64, local_size=32, seed=1)
+    dataset = ShapesDataset(size=3, image_size=64)
+    examples = [transform(dataset[i]) for i in range(3)]
+    again = transform(dataset[1])
+    assert torch.equal(again["captions"], examples[1]["captions"])  # text crops: deterministic per key and epoch
+    transform.set_epoch(1)  # a new epoch draws new text crops (for some sample at least)
+    assert any(not torch.equal(transform(dataset[i])["captions"], examples[i]["captions"]) for i in range(3))
+    transform.set_epoch(0)
+    batch = collate_views(examples + [None])
+    assert batch["global"].shape == (2, 3, 3, 64, 64) and batch["local"].shape == (6, 3, 3, 32, 32)
+    assert batch["captions"].shape == (8, 3, 32) and batch["captions"].dtype == torch.int64
+    with torch.no_grad():
+        out = CosmosModel(config("tiny"))(batch["global"], batch["local"], batch["captions"])
+    assert out["cross_text"].shape == (8, 3, 128)

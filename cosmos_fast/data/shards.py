@@ -7,6 +7,7 @@ skipped with a warning naming its key and counted, so one bad file never ends a 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -53,26 +54,24 @@ class SkipCounter:
 
     def __call__(self, exc: BaseException) -> bool:
         self.skipped += 1
-        warnings.warn(f"skipped a sample that could not be read ({type(exc).__name__}: {exc})", stacklevel=2)
+        warnings.warn(f"skipped: {exc}", stacklevel=2)
         return True
 
 
 def _decode(sample: dict) -> dict:
+    """Raw tar members (bytes) -> our sample. Errors name the sample's key (for the skip warning)."""
     key = sample["__key__"]
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         raise ValueError(f"sample {key!r} has no image ({', '.join(IMAGE_KEYS)})")
     try:
-        image = sample[image_key]
-        if not isinstance(image, Image.Image):
-            raise TypeError("image did not decode")
-        image = image.convert("RGB")
+        with Image.open(io.BytesIO(sample[image_key])) as image:
+            image = image.convert("RGB")
+        meta = json.loads(sample["json"]) if "json" in sample else None
+        text = sample["txt"].decode("utf-8") if "txt" in sample else ""
     except Exception as exc:
-        raise ValueError(f"sample {key!r}: unreadable image ({exc})") from exc
-    if "json" in sample:
-        raw, longs = captions_of(sample["json"])
-    else:
-        raw, longs = (sample.get("txt") or ""), []
+        raise ValueError(f"sample {key!r} is unreadable: {type(exc).__name__}: {exc}") from exc
+    raw, longs = captions_of(meta) if meta is not None else (text, [])
     return {"key": key, "image": image, "raw_caption": raw, "long_captions": longs}
 
 
@@ -86,7 +85,7 @@ def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int
                               empty_check=False)
     if shuffle:
         pipeline = pipeline.shuffle(shuffle)
-    return pipeline.decode("pil", handler=handler).map(_decode, handler=handler)
+    return pipeline.map(_decode, handler=handler)
 
 
 class CaptionFileDataset(torch.utils.data.Dataset):

@@ -1,6 +1,6 @@
 """The COSMOS model on timm and open_clip, and the open_clip weight converter."""
-from .convert import convert_open_clip_state_dict, load_open_clip_weights
+from .convert import convert_open_clip_state_dict, load_open_clip_weights, state_dict_from_checkpoint
 from .cosmos import CONFIGS, CosmosConfig, CosmosModel, Tokenizer, config, trim_to_longest
 
 __all__ = ["CONFIGS", "CosmosConfig", "CosmosModel", "Tokenizer", "config", "convert_open_clip_state_dict",
-           "load_open_clip_weights", "trim_to_longest"]
+           "load_open_clip_weights", "state_dict_from_checkpoint", "trim_to_longest"]

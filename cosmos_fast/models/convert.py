@@ -26,36 +26,56 @@ def _vision_key(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
         for old, new in _VISION_BLOCK:
             if rest.startswith(old):
                 return f"visual.blocks.{index}.{new}{rest[len(old):]}", value
-        raise KeyError(f"unknown vision block parameter {key!r}")
+        raise KeyError(key)
     renames = {"conv1.weight": "patch_embed.proj.weight", "ln_pre.weight": "norm_pre.weight",
                "ln_pre.bias": "norm_pre.bias", "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias"}
     if name not in renames:
-        raise KeyError(f"unknown vision parameter {key!r}")
+        raise KeyError(key)
     return f"visual.{renames[name]}", value
 
 
-def convert_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_dict_from_checkpoint(checkpoint: dict, which: str = "student") -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint: upstream COSMOS's ``student``/``teacher`` dict, open_clip's ``state_dict``,
+    or the checkpoint itself when it is a plain state dict."""
+    if which in checkpoint:
+        return checkpoint[which]
+    if "state_dict" in checkpoint:
+        return checkpoint["state_dict"]
+    return checkpoint
+
+
+def convert_open_clip_state_dict(state: dict[str, torch.Tensor],
+                                 ignore_unknown: bool = False) -> dict[str, torch.Tensor]:
     """An open_clip CLIP state dict (a ``module.`` prefix is dropped) -> CosmosModel keys for the two towers
-    and ``logit_scale``. Parameters open_clip does not have (mappings, poolers, ``distill_logit_scale``) are not
-    in the result: load it with ``strict=False`` and check the returned missing keys."""
-    out = {}
+    and ``logit_scale``. A key that is not part of open_clip's CLIP raises KeyError, unless ``ignore_unknown``
+    (upstream COSMOS checkpoints carry their own cross-attention modules, whose names ours do not share)."""
+    out, unknown = {}, []
     for key, value in state.items():
         key = key.removeprefix("module.")
         if key.startswith("visual."):
-            new_key, value = _vision_key(key, value)
+            try:
+                new_key, value = _vision_key(key, value)
+            except KeyError:
+                unknown.append(key)
+                continue
             out[new_key] = value
         elif key.startswith(_TEXT_KEYS):
             out[f"text.{key}"] = value
         elif key == "logit_scale":
             out[key] = value
         elif key != "attn_mask":
-            raise KeyError(f"unknown open_clip parameter {key!r}")
+            unknown.append(key)
+    if unknown and not ignore_unknown:
+        raise KeyError(f"not open_clip CLIP parameters: {unknown[:10]}{' ...' if len(unknown) > 10 else ''} "
+                       "(pass ignore_unknown=True to load the towers anyway)")
     return out
 
 
-def load_open_clip_weights(model, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load converted open_clip weights into ``model``; returns the CosmosModel keys left at their init."""
-    missing, unexpected = model.load_state_dict(convert_open_clip_state_dict(state), strict=False)
+def load_open_clip_weights(model, checkpoint: dict, which: str = "student", ignore_unknown: bool = False) -> list[str]:
+    """Load open_clip/COSMOS weights (see :func:`state_dict_from_checkpoint`) into ``model``; returns the
+    CosmosModel keys left at their initial values (mappings, poolers, ``distill_logit_scale``)."""
+    converted = convert_open_clip_state_dict(state_dict_from_checkpoint(checkpoint, which), ignore_unknown)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
     if unexpected:
         raise KeyError(f"converted keys the model does not have: {unexpected}")
     return missing

@@ -1,0 +1,50 @@
+"""From a raw sample to a COSMOS training example, and batches of them."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .augment import MultiCrop
+from .text import crop_text, sentence_pool
+
+
+class CosmosTransform:
+    """``{"key", "image", "raw_caption", "long_captions"}`` -> ``{"key", "global" [2, 3, S, S], "local"
+    [V, 3, s, s], "captions" [8, context_length] int64}``.
+
+    Text crops are deterministic in (seed, epoch, key); image crops follow torch's RNG (seed the DataLoader
+    workers). ``tokenizer`` maps a list of strings to [n, context_length] ids (``cosmos_fast.models.Tokenizer``).
+    """
+
+    def __init__(self, tokenizer, global_size: int = 224, local_size: int = 96, n_local: int = 6,
+                 n_global_captions: int = 2, n_local_captions: int = 6, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.multicrop = MultiCrop(global_size, local_size, n_local)
+        self.n_global_captions, self.n_local_captions = n_global_captions, n_local_captions
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, sample: dict) -> dict:
+        crops = self.multicrop(sample["image"])
+        pool = sentence_pool(sample["raw_caption"], sample["long_captions"])
+        if not pool:
+            raise ValueError(f"sample {sample['key']!r} has no caption")
+        rng = random.Random(f"{self.seed}/{self.epoch}/{sample['key']}")
+        captions = crop_text(pool, rng, self.n_global_captions, self.n_local_captions)
+        return {"key": sample["key"], "global": torch.stack(crops[:2]), "local": torch.stack(crops[2:]),
+                "captions": self.tokenizer(captions)}
+
+
+def collate_views(examples: list[dict | None]) -> dict:
+    """Batch examples view-major, as the model takes them: "global" [2, B, ...], "local" [V, B, ...],
+    "captions" [8, B, L], "keys" [B]. Skipped (None) examples are dropped."""
+    examples = [e for e in examples if e is not None]
+    return {
+        "keys": [e["key"] for e in examples],
+        "global": torch.stack([e["global"] for e in examples], dim=1),
+        "local": torch.stack([e["local"] for e in examples], dim=1),
+        "captions": torch.stack([e["captions"] for e in examples], dim=1),
+    }
