@@ -83,3 +83,17 @@ def test_caption_files_and_missing_images(tmp_path):
 def test_captions_of_dreamlip_fields():
     raw, longs = captions_of({"raw_caption": "r", "longIB_captions": ["a", "b"], "longSV_captions": "c", "x": 1})
     assert raw == "r" and longs == ["a", "b", "c"]
+
+
+def test_make_shards_from_a_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (16, 16), color).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a {color} square\nIt fills the picture.\n")
+    make_shards.main(["--out", str(tmp_path / "shards"), "--source", "folder", "--path", str(images)])
+    samples = list(shard_stream(str(tmp_path / "shards" / "shard-000000.tar")))
+    assert [(s["key"], s["raw_caption"], s["long_captions"]) for s in samples] == [
+        ("img0", "a red square", ["It fills the picture."]), ("img1", "a blue square", ["It fills the picture."])]
+    with pytest.raises(SystemExit):
+        make_shards.main(["--out", str(tmp_path / "x"), "--source", "folder"])  # --path is required
