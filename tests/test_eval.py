@@ -1,0 +1,44 @@
+"""Zero-shot metrics against hand-computed small cases."""
+import pytest
+import torch
+
+from cosmos_fast.eval import class_embeddings, classification_accuracy, retrieval_recall
+
+
+def test_retrieval_recall_hand_computed():
+    # 3 images on the axes; 5 captions: image 0 has captions 0 and 1, image 1 caption 2, image 2 captions 3, 4
+    images = torch.eye(3)
+    texts = torch.tensor([[0.1, 1.0, 0.0],    # caption 0 (image 0) points at image 1: wrong
+                          [0.9, 0.0, 0.5],    # caption 1 (image 0): right
+                          [0.0, 0.2, 1.0],    # caption 2 (image 1) points at image 2: wrong
+                          [0.0, 0.0, 1.0],    # caption 3 (image 2): right
+                          [0.3, 0.0, 0.95]])  # caption 4 (image 2): right
+    text_image = torch.tensor([0, 0, 1, 2, 2])
+    m = retrieval_recall(images, texts, text_image, ks=(1, 2, 3), chunk=2)
+    # image->text: image 0 ranks caption 1 first (found@1); image 1's best caption is 0, its caption 2 second
+    # -> found@2; image 2's best is caption 3 -> found@1
+    assert m["i2t_R@1"] == pytest.approx(200 / 3) and m["i2t_R@2"] == pytest.approx(100.0)
+    # text->image: captions 1, 3, 4 find their image first; caption 0 ranks image 0 second; caption 2 ranks
+    # image 1 second
+    assert m["t2i_R@1"] == pytest.approx(60.0) and m["t2i_R@2"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="one entry per caption"):
+        retrieval_recall(images, texts, text_image[:4])
+
+
+def test_classification_hand_computed():
+    class_emb = torch.eye(3)
+    images = torch.tensor([[1.0, 0.2, 0.1], [0.1, 0.2, 1.0], [0.6, 0.7, 0.0], [0.0, 0.4, 0.5]])
+    labels = torch.tensor([0, 2, 0, 1])
+    m = classification_accuracy(images, labels, class_emb, ks=(1, 2))
+    assert m["top1"] == pytest.approx(50.0)  # images 0 and 1
+    assert m["top2"] == pytest.approx(100.0)  # image 2: class 0 second; image 3: class 1 second
+
+
+def test_class_embeddings_average_the_templates():
+    vectors = {"a {}": torch.tensor([1.0, 0.0]), "b {}": torch.tensor([0.0, 2.0])}
+
+    def encode(texts):
+        return torch.stack([vectors[t.replace("cat", "{}")] for t in texts])
+
+    emb = class_embeddings(encode, ["cat"], templates=("a {}", "b {}"))
+    torch.testing.assert_close(emb, torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
