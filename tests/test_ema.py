@@ -142,6 +142,15 @@ def test_teacher_update_parameters_and_buffers(backend):
     assert ema.num_updates == 1
 
 
+def test_non_persistent_buffers_are_copied_not_averaged():
+    """A causal mask full of -inf (open_clip's text tower) must not become NaN through the average."""
+    student = Tiny()
+    student.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1), persistent=False)
+    ema = cosmos_fast.EMATeacher(student, momentum=0.9)
+    ema.update()
+    assert torch.equal(ema.module.mask, student.mask)
+
+
 def _assert_follows(ema, student):
     """One update at momentum 0.5 after the student's head weight was set to 2 moves the teacher half way."""
     before = ema.module.head.weight.clone()

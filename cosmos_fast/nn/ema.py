@@ -34,8 +34,8 @@ class EMATeacher(nn.Module):
         total_steps: T, required by the cosine schedule.
         bf16_copy: also keep ``module_bf16``, a bf16 replica written in the same pass as the update.
 
-    ``.module`` is a frozen fp32 deep copy; ``forward`` runs it. Float buffers are averaged like parameters,
-    other buffers (counters) copied. ``state_dict()`` carries the teacher and the update count, so a resumed
+    ``.module`` is a frozen fp32 deep copy; ``forward`` runs it. Persistent float buffers (running statistics)
+    are averaged like parameters; other buffers (counters, non-persistent masks) copied. ``state_dict()`` carries the teacher and the update count, so a resumed
     run continues exactly.
     """
 
@@ -81,10 +81,14 @@ class EMATeacher(nn.Module):
 
     def _update_buffers(self, student: nn.Module, momentum: float) -> None:
         student_buffers = dict(student.named_buffers())
+        # Non-persistent buffers are derived constants (attention masks, which may hold -inf: an average would
+        # turn them into NaN): copied, like integer counters. Persistent float buffers (running statistics)
+        # are averaged.
+        persistent = set(self.module.state_dict())
         float_pairs = []
         for name, buf in self.module.named_buffers():
             source = student_buffers[name]
-            if buf.is_floating_point():
+            if buf.is_floating_point() and name in persistent:
                 float_pairs.append((buf, source))
             else:
                 buf.copy_(source)

@@ -1,0 +1,114 @@
+"""Training configuration: dataclasses, loaded from YAML and overridden from the command line (``a.b=value``).
+An unknown key or a value of the wrong type is an error before anything trains."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a cosmos_fast.models config: tiny | vit-b16
+    mask_padding: bool = True  # False: attend to caption padding as upstream COSMOS does
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes (built in) | webdataset
+    path: str | None = None  # shard pattern for webdataset
+    train_size: int = 2000
+    eval_size: int = 250
+    image_size: int = 64
+    local_size: int = 32
+    context_length: int = 32
+    batch_size: int = 64
+    workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.5
+    warmup_steps: int = 50
+    clip_grad: float | None = None
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = 0.99
+    schedule: str = "fixed"  # fixed | cosine
+    final_momentum: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    objective: str = "cosmos"  # cosmos | clip
+    steps: int = 600
+    seed: int = 0
+    out_dir: str = "runs/tiny-cpu"
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _set(section, key: str, value: Any, where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(section)}
+    if key not in names:
+        raise ValueError(f"unknown config key {where!r} (known in this section: {sorted(names)})")
+    current = getattr(section, key)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if current is not None and value is not None and not isinstance(value, type(current)):
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        else:
+            raise ValueError(f"config key {where!r} takes {type(current).__name__}, got {value!r}")
+    setattr(section, key, value)
+
+
+def apply(cfg: TrainConfig, values: dict, prefix: str = "") -> TrainConfig:
+    for name, body in values.items():
+        if not hasattr(cfg, name) or not dataclasses.is_dataclass(getattr(cfg, name)):
+            raise ValueError(f"unknown config section {prefix + name!r} (known: model, data, optim, teacher, run)")
+        if not isinstance(body, dict):
+            raise ValueError(f"config section {prefix + name!r} must be a mapping")
+        for key, value in body.items():
+            _set(getattr(cfg, name), key, value, f"{name}.{key}")
+    return cfg
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        apply(cfg, yaml.safe_load(path.read_text()) or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.count(".") != 1:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".")
+        apply(cfg, {section: {name: yaml.safe_load(raw)}})
+    if cfg.run.objective not in ("cosmos", "clip"):
+        raise ValueError(f"run.objective must be cosmos or clip, got {cfg.run.objective!r}")
+    if cfg.data.source not in ("shapes", "webdataset"):
+        raise ValueError(f"data.source must be shapes or webdataset, got {cfg.data.source!r}")
+    if cfg.data.source == "webdataset" and not cfg.data.path:
+        raise ValueError("data.source=webdataset needs data.path (a shard pattern)")
+    return cfg

@@ -1,0 +1,158 @@
+"""Reference COSMOS trainer: one readable loop (nanoGPT/DINO style) on cosmos_fast's kernels.
+
+Usage: python train/train.py [--config train/configs/tiny-cpu.yaml] [section.key=value ...]
+
+Student forward on 2 global + 6 local crops and 8 captions, teacher (EMA copy) forward on the 2 global crops
+and the 2 global captions, CosmosLoss (or the CLIP loss alone), AdamW, temperature clamp, EMA update; a JSONL
+log and a progress bar; zero-shot retrieval and classification on the held-out split at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import config as config_lib  # noqa: E402
+
+import cosmos_fast  # noqa: E402
+from cosmos_fast.data import CLIP_MEAN, CLIP_STD, CosmosTransform, ShapesDataset, collate_views  # noqa: E402
+from cosmos_fast.eval import class_embeddings, classification_accuracy, retrieval_recall  # noqa: E402
+from cosmos_fast.models import CosmosModel, Tokenizer  # noqa: E402
+from cosmos_fast.models import config as model_config  # noqa: E402
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases and temperatures (1-d and 0-d tensors), as upstream."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class Collate:
+    """Transform each raw sample, then batch view-major (a class, not a lambda: workers pickle it)."""
+
+    def __init__(self, transform: CosmosTransform):
+        self.transform = transform
+
+    def __call__(self, samples):
+        return collate_views([self.transform(s) for s in samples])
+
+
+def batches(loader):
+    while True:  # epochs end, training does not
+        yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str, float]:
+    """Zero-shot retrieval (image vs its full description) and shape classification on the held-out split."""
+    model.eval()
+    dataset = ShapesDataset("heldout", size=cfg.data.eval_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
+    samples = [dataset[i] for i in range(len(dataset))]
+    to_tensor = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    images = torch.stack([to_tensor(s["image"]) for s in samples]).to(device)
+    image_emb = torch.cat([model.encode_image(chunk)[0] for chunk in images.split(256)])
+    texts = [s["long_captions"][0] for s in samples]
+    text_emb = torch.cat([model.encode_text(tokenizer(texts[i:i + 256]).to(device))[0]
+                          for i in range(0, len(texts), 256)])
+    metrics = retrieval_recall(image_emb.cpu(), text_emb.cpu(), torch.arange(len(samples)))
+    classes = class_embeddings(lambda t: model.encode_text(tokenizer(t).to(device))[0].cpu(), ShapesDataset.classes,
+                               templates=("a picture of a {}", "a large {}", "a {} on a background"))
+    metrics.update(classification_accuracy(image_emb.cpu(), torch.tensor([s["label"] for s in samples]), classes))
+    model.train()
+    return metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "tiny-cpu.yaml"))
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    cfg = config_lib.load(args.config, args.overrides)
+    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+    torch.manual_seed(cfg.run.seed)
+    out_dir = Path(cfg.run.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size,
+                                     context_length=cfg.data.context_length)).to(device)
+    teacher = cosmos_fast.EMATeacher(model, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
+                                     final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
+    loss_fn = cosmos_fast.nn.CosmosLoss()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    tokenizer = Tokenizer(cfg.data.context_length)
+    transform = CosmosTransform(tokenizer, cfg.data.image_size, cfg.data.local_size, seed=cfg.run.seed)
+    train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
+    if len(train_set) < cfg.data.batch_size:
+        raise ValueError(f"the dataset has {len(train_set)} samples, fewer than one batch ({cfg.data.batch_size})")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.data.workers, collate_fn=Collate(transform))
+    log = (out_dir / "metrics.jsonl").open("w")
+    stream = batches(loader)
+    start = time.time()
+    bar = tqdm(range(cfg.run.steps), desc="train", dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.run.steps)
+        batch = next(stream)
+        global_crops, local_crops, captions = (batch[k].to(device) for k in ("global", "local", "captions"))
+        out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding)
+        if cfg.run.objective == "cosmos":
+            with torch.no_grad():
+                B = global_crops.shape[1]
+                t_image = F.normalize(teacher.module.encode_image(global_crops.flatten(0, 1))[0], dim=-1)
+                t_text = F.normalize(teacher.module.encode_text(captions[:2].flatten(0, 1))[0], dim=-1)
+            losses = loss_fn(out["image"][:2], out["text"], out["cross_image"], out["cross_text"],
+                             t_image.view(2, B, -1), t_text.view(2, B, -1), out["logit_scale"],
+                             out["distill_logit_scale"])
+            loss, parts = losses.total, {"clip": losses.clip.item(), "cosmos": losses.cosmos.item()}
+        else:
+            loss = cosmos_fast.multiview_contrastive_loss(out["image"][:2], out["text"], out["logit_scale"])
+            parts = {}
+        if not torch.isfinite(loss):
+            print(f"step {step}: loss is {loss.item()}; stopping", file=sys.stderr)
+            return 1
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        model.clamp_logit_scales_()
+        teacher.update(step)
+        samples_per_s = (step + 1) * cfg.data.batch_size / (time.time() - start)
+        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{samples_per_s:.0f}")
+        if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
+            log.write(json.dumps({"step": step, "loss": loss.item(), **parts, "lr": optimizer.param_groups[0]["lr"],
+                                  "samples_per_s": samples_per_s}) + "\n")
+            log.flush()
+    metrics = {"student": evaluate(model, tokenizer, cfg, device),
+               "teacher": evaluate(teacher.module, tokenizer, cfg, device)}
+    chance = {"R@1": 100 / cfg.data.eval_size, "top1": 100 / len(ShapesDataset.classes)}
+    print(f"\nheld-out zero-shot ({cfg.data.eval_size} images; chance R@1 {chance['R@1']:.1f}%, "
+          f"top-1 {chance['top1']:.0f}%)")
+    print(f"{'':10}" + "".join(f"{k:>10}" for k in metrics["student"]))
+    for who, m in metrics.items():
+        print(f"{who:10}" + "".join(f"{v:10.1f}" for v in m.values()))
+    (out_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "chance": chance}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
