@@ -91,6 +91,18 @@ def apply(cfg: TrainConfig, values: dict, prefix: str = "") -> TrainConfig:
     return cfg
 
 
+def _parse(raw: str):
+    """A command-line value as YAML, with numbers YAML 1.1 leaves as strings (1e-4) read as numbers."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """The defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
     cfg = TrainConfig()
@@ -104,7 +116,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
         if not sep or key.count(".") != 1:
             raise ValueError(f"override {item!r} must look like section.key=value")
         section, name = key.split(".")
-        apply(cfg, {section: {name: yaml.safe_load(raw)}})
+        apply(cfg, {section: {name: _parse(raw)}})
     if cfg.run.objective not in ("cosmos", "clip"):
         raise ValueError(f"run.objective must be cosmos or clip, got {cfg.run.objective!r}")
     if cfg.data.source not in ("shapes", "webdataset"):
