@@ -53,6 +53,8 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/tiny-cpu"
     log_every: int = 10
+    checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
+    stop_at: int | None = None  # stop (with a checkpoint) after this many steps; --resume continues
     device: str = "auto"  # auto | cpu | cuda
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -53,9 +55,33 @@ class Collate:
         return collate_views([self.transform(s) for s in samples])
 
 
-def batches(loader):
-    while True:  # epochs end, training does not
-        yield from loader
+def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch: a function of (seed, epoch) alone, so a resumed run finds its place."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, size - batch_size + 1, batch_size)]
+
+
+def batches(dataset, collate, cfg, epoch: int, position: int):
+    """(epoch, position, batch) forever, starting at batch ``position`` of ``epoch``."""
+    while True:
+        collate.transform.set_epoch(epoch)  # fresh text crops every epoch
+        plan = epoch_batches(len(dataset), cfg.data.batch_size, cfg.run.seed, epoch)[position:]
+        if plan:
+            # the loader's own generator: starting one must not draw from torch's RNG, which the (main-process)
+            # augmentations use and a checkpoint restores
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=plan, collate_fn=collate, num_workers=cfg.data.workers,
+                generator=torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch))
+            for offset, batch in enumerate(loader):
+                yield epoch, position + offset, batch
+        epoch, position = epoch + 1, 0
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write, then rename: a crash mid-write never leaves a broken checkpoint in place of a good one."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -81,6 +107,7 @@ def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "tiny-cpu.yaml"))
+    parser.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoint.pt")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     cfg = config_lib.load(args.config, args.overrides)
@@ -102,16 +129,26 @@ def main(argv=None) -> int:
     train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
     if len(train_set) < cfg.data.batch_size:
         raise ValueError(f"the dataset has {len(train_set)} samples, fewer than one batch ({cfg.data.batch_size})")
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=cfg.data.workers, collate_fn=Collate(transform))
-    log = (out_dir / "metrics.jsonl").open("w")
-    stream = batches(loader)
+    first_step, epoch, position = 0, 0, 0
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if args.resume:
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        first_step, epoch, position = state["step"], state["epoch"], state["position"]
+    stream = batches(train_set, Collate(transform), cfg, epoch, position)
+    log = (out_dir / "metrics.jsonl").open("a" if args.resume else "w")
     start = time.time()
-    bar = tqdm(range(cfg.run.steps), desc="train", dynamic_ncols=True)
+    bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.run.steps)
-        batch = next(stream)
+        epoch, position, batch = next(stream)
         global_crops, local_crops, captions = (batch[k].to(device) for k in ("global", "local", "captions"))
         out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding)
         if cfg.run.objective == "cosmos":
@@ -127,7 +164,7 @@ def main(argv=None) -> int:
             loss = cosmos_fast.multiview_contrastive_loss(out["image"][:2], out["text"], out["logit_scale"])
             parts = {}
         if not torch.isfinite(loss):
-            print(f"step {step}: loss is {loss.item()}; stopping", file=sys.stderr)
+            print(f"step {step}: loss is {loss.item()}; stopping (the last checkpoint is kept)", file=sys.stderr)
             return 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,12 +173,25 @@ def main(argv=None) -> int:
         optimizer.step()
         model.clamp_logit_scales_()
         teacher.update(step)
-        samples_per_s = (step + 1) * cfg.data.batch_size / (time.time() - start)
+        samples_per_s = (step + 1 - first_step) * cfg.data.batch_size / (time.time() - start)
         bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{samples_per_s:.0f}")
         if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
             log.write(json.dumps({"step": step, "loss": loss.item(), **parts, "lr": optimizer.param_groups[0]["lr"],
                                   "samples_per_s": samples_per_s}) + "\n")
             log.flush()
+        last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at
+        if (step + 1) % cfg.run.checkpoint_every == 0 or last:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                print(f"step {step}: parameters are no longer finite; stopping (the last checkpoint is kept)",
+                      file=sys.stderr)
+                return 1
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step + 1, "epoch": epoch, "position": position + 1, "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "config": cfg})
+        if step + 1 == cfg.run.stop_at:
+            print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
+            return 0
     metrics = {"student": evaluate(model, tokenizer, cfg, device),
                "teacher": evaluate(teacher.module, tokenizer, cfg, device)}
     chance = {"R@1": 100 / cfg.data.eval_size, "top1": 100 / len(ShapesDataset.classes)}
