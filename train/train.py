@@ -27,6 +27,7 @@ import config as config_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
 from cosmos_fast.data import CLIP_MEAN, CLIP_STD, CosmosTransform, ShapesDataset, collate_views  # noqa: E402
+from cosmos_fast.data.synthetic import COLORS  # noqa: E402
 from cosmos_fast.eval import class_embeddings, classification_accuracy, retrieval_recall  # noqa: E402
 from cosmos_fast.models import CosmosModel, Tokenizer  # noqa: E402
 from cosmos_fast.models import config as model_config  # noqa: E402
@@ -43,6 +44,11 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# Prompt ensemble for the shapes' class names: the class is a shape; its colour varies, so average over colours.
+SHAPE_TEMPLATES = tuple(f"a picture of {'an' if c[0] in 'aeiou' else 'a'} {c} {{}}" for c in COLORS) + (
+    "a picture of a {}", "a large {}")
 
 
 class Collate:
@@ -98,7 +104,7 @@ def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str,
                           for i in range(0, len(texts), 256)])
     metrics = retrieval_recall(image_emb.cpu(), text_emb.cpu(), torch.arange(len(samples)))
     classes = class_embeddings(lambda t: model.encode_text(tokenizer(t).to(device))[0].cpu(), ShapesDataset.classes,
-                               templates=("a picture of a {}", "a large {}", "a {} on a background"))
+                               templates=SHAPE_TEMPLATES)
     metrics.update(classification_accuracy(image_emb.cpu(), torch.tensor([s["label"] for s in samples]), classes))
     model.train()
     return metrics
