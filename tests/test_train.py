@@ -40,6 +40,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert kept["step"] == 2 and all(torch.equal(v, good[k]) for k, v in kept["model"].items())
 
 
+@pytest.mark.parametrize("objective", ["clip", "psd self", "psd ema"])
+def test_other_objectives_train(tmp_path, objective):
+    name, _, source = objective.partition(" ")
+    extra = [f"run.objective={name}"] + ([f"psd.source={source}"] if source else [])
+    assert train.main(TINY + extra + ["run.steps=2", f"run.out_dir={tmp_path}"]) == 0
+    assert (tmp_path / "eval.json").exists()
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.main(["--resume"] + TINY + [f"run.out_dir={tmp_path}"])

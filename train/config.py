@@ -47,8 +47,17 @@ class TeacherConfig:
 
 
 @dataclass
+class PSDConfig:
+    """Progressive self-distillation (psd_simla.md; the values are ours: the paper's are not public)."""
+    alpha_max: float = 0.5
+    ramp_steps: int | None = None  # alpha reaches alpha_max after this many steps (default: the whole run)
+    subset: float = 0.5  # fraction of each batch with soft targets, drawn fresh every step
+    source: str = "self"  # self (own detached embeddings, teacher temperature 0.5x) | ema
+
+
+@dataclass
 class RunConfig:
-    objective: str = "cosmos"  # cosmos | clip
+    objective: str = "cosmos"  # cosmos | clip | psd
     steps: int = 600
     seed: int = 0
     out_dir: str = "runs/tiny-cpu"
@@ -64,6 +73,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    psd: PSDConfig = field(default_factory=PSDConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -85,7 +95,7 @@ def _set(section, key: str, value: Any, where: str) -> None:
 def apply(cfg: TrainConfig, values: dict, prefix: str = "") -> TrainConfig:
     for name, body in values.items():
         if not hasattr(cfg, name) or not dataclasses.is_dataclass(getattr(cfg, name)):
-            raise ValueError(f"unknown config section {prefix + name!r} (known: model, data, optim, teacher, run)")
+            raise ValueError(f"unknown config section {prefix + name!r} (known: model, data, optim, teacher, psd, run)")
         if not isinstance(body, dict):
             raise ValueError(f"config section {prefix + name!r} must be a mapping")
         for key, value in body.items():
@@ -119,8 +129,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
             raise ValueError(f"override {item!r} must look like section.key=value")
         section, name = key.split(".")
         apply(cfg, {section: {name: _parse(raw)}})
-    if cfg.run.objective not in ("cosmos", "clip"):
-        raise ValueError(f"run.objective must be cosmos or clip, got {cfg.run.objective!r}")
+    if cfg.run.objective not in ("cosmos", "clip", "psd"):
+        raise ValueError(f"run.objective must be cosmos, clip or psd, got {cfg.run.objective!r}")
+    if cfg.psd.source not in ("self", "ema"):
+        raise ValueError(f"psd.source must be self or ema, got {cfg.psd.source!r}")
     if cfg.data.source not in ("shapes", "webdataset"):
         raise ValueError(f"data.source must be shapes or webdataset, got {cfg.data.source!r}")
     if cfg.data.source == "webdataset" and not cfg.data.path:

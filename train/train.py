@@ -61,6 +61,24 @@ class Collate:
         return collate_views([self.transform(s) for s in samples])
 
 
+def psd_loss(out, teacher, global_crops, captions, step, cfg):
+    """PSD: the CLIP loss on the first global crop and caption with targets softened, on a fresh random subset
+    of rows, by a detached similarity: the student's own (at half its temperature) or the EMA teacher's."""
+    image, text, scale = out["image"][0], out["text"][0], out["logit_scale"]
+    ramp = cfg.psd.ramp_steps or cfg.run.steps
+    alpha = cfg.psd.alpha_max * min(1.0, step / ramp)
+    soft_mask = torch.rand(image.shape[0], device=image.device) < cfg.psd.subset
+    if cfg.psd.source == "self":
+        source = (image.detach(), text.detach(), 2 * scale.detach())
+    else:
+        with torch.no_grad():
+            source = (F.normalize(teacher.module.encode_image(global_crops[0])[0], dim=-1),
+                      F.normalize(teacher.module.encode_text(captions[0])[0], dim=-1),
+                      teacher.module.logit_scale.exp())
+    loss = cosmos_fast.contrastive_loss(image, text, scale, teacher=source, alpha=alpha, soft_mask=soft_mask)
+    return loss, {"alpha": alpha}
+
+
 def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The shuffled batches of one epoch: a function of (seed, epoch) alone, so a resumed run finds its place."""
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -166,6 +184,8 @@ def main(argv=None) -> int:
                              t_image.view(2, B, -1), t_text.view(2, B, -1), out["logit_scale"],
                              out["distill_logit_scale"])
             loss, parts = losses.total, {"clip": losses.clip.item(), "cosmos": losses.cosmos.item()}
+        elif cfg.run.objective == "psd":
+            loss, parts = psd_loss(out, teacher, global_crops, captions, step, cfg)
         else:
             loss = cosmos_fast.multiview_contrastive_loss(out["image"][:2], out["text"], out["logit_scale"])
             parts = {}
