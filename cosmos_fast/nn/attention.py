@@ -1,7 +1,6 @@
 """``CrossAttentionPooler``: COSMOS's cross-attention module, state-dict compatible with upstream."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
