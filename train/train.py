@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import config as config_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
-from cosmos_fast.data import CLIP_MEAN, CLIP_STD, CosmosTransform, ShapesDataset, collate_views  # noqa: E402
+from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views, to_model_input  # noqa: E402
 from cosmos_fast.data.synthetic import COLORS  # noqa: E402
 from cosmos_fast.eval import class_embeddings, classification_accuracy, retrieval_recall  # noqa: E402
 from cosmos_fast.models import CosmosModel, Tokenizer  # noqa: E402
@@ -114,7 +113,7 @@ def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str,
     model.eval()
     dataset = ShapesDataset("heldout", size=cfg.data.eval_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
     samples = [dataset[i] for i in range(len(dataset))]
-    to_tensor = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    to_tensor = to_model_input()
     images = torch.stack([to_tensor(s["image"]) for s in samples]).to(device)
     image_emb = torch.cat([model.encode_image(chunk)[0] for chunk in images.split(256)])
     texts = [s["long_captions"][0] for s in samples]

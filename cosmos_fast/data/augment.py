@@ -10,6 +10,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def to_model_input() -> T.Compose:
+    """PIL image or uint8 tensor -> CLIP-normalised float32 [3, H, W], unaugmented (evaluation)."""
+    return T.Compose([T.ToImage(), *_normalise()])
+
+
+def _normalise() -> list:
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
+
+
 def _blur(size: int, p: float):
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the crop, odd
     return T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
@@ -30,7 +39,7 @@ class MultiCrop:
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
         ]
-        finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)]
+        finish = _normalise()
 
         def crop(size, scale):
             return [T.ToImage(), T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC,
