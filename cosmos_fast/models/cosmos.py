@@ -110,7 +110,7 @@ class CosmosModel(nn.Module):
             p.clamp_(0, self.config.max_logit_scale)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, captions: torch.Tensor,
-                mask_padding: bool = True) -> dict[str, torch.Tensor]:
+                mask_padding: bool = True, reference_attention: bool = False) -> dict[str, torch.Tensor]:
         """One COSMOS student pass.
 
         Args:
@@ -118,6 +118,8 @@ class CosmosModel(nn.Module):
                 (2 global captions first).
             mask_padding: mask padded caption positions in the cross-attention (ours); False attends to them,
                 as upstream does.
+            reference_attention: run the poolers' attention as ``nn.MultiheadAttention`` (upstream) instead of
+                cosmos_fast's kernel; the same parameters, the same result within rounding.
         Returns (all normalised): "image" [2 + V, B, E] and "text" [C, B, E] tower embeddings, "cross_image"
         [2 + V, B, E] and "cross_text" [C, B, E] cross-attended outputs; "logit_scale", "distill_logit_scale"
         (exponentiated).
@@ -143,8 +145,9 @@ class CosmosModel(nn.Module):
         padding = None
         if mask_padding:  # positions after each caption's end token
             padding = torch.arange(text_keys.shape[1], device=ids.device)[None, :] > first_caption_ids.argmax(-1)[:, None]
-        cross_image = self.image_pooler(image.transpose(0, 1), text_keys, padding).transpose(0, 1)
-        cross_text = self.text_pooler(text.transpose(0, 1), patch_keys).transpose(0, 1)
+        cross_image = self.image_pooler(image.transpose(0, 1), text_keys, padding,
+                                        reference=reference_attention).transpose(0, 1)
+        cross_text = self.text_pooler(text.transpose(0, 1), patch_keys, reference=reference_attention).transpose(0, 1)
         return {
             "image": F.normalize(image, dim=-1), "text": F.normalize(text, dim=-1),
             "cross_image": cross_image, "cross_text": cross_text,

@@ -17,8 +17,9 @@ class CrossAttentionPooler(nn.Module):
     unchanged. ``attn`` holds the parameters; the attention itself runs :func:`cosmos_fast.cross_attention`.
 
     forward(query [B, Lq, d_model], context [B, Lk, kdim], key_padding_mask [B, Lk] bool or None (True =
-    padding; None reproduces upstream COSMOS, which attends to padding), residual=True, normalize=True)
-    -> [B, Lq, d_model]. A sample whose context is all padding gets no attention contribution (zeros).
+    padding; None reproduces upstream COSMOS, which attends to padding), residual=True, normalize=True,
+    reference=False) -> [B, Lq, d_model]. A sample whose context is all padding gets no attention contribution
+    (zeros). ``reference=True`` runs ``nn.MultiheadAttention``'s forward instead (as upstream; for comparisons).
     """
 
     def __init__(self, d_model: int, n_heads: int, kdim: int | None = None):
@@ -41,16 +42,20 @@ class CrossAttentionPooler(nn.Module):
             w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
         return (w_q, bias_q), (w_k, bias_k), (w_v, bias_v)
 
-    def forward(self, query, context, key_padding_mask=None, residual: bool = True, normalize: bool = True):
-        B, Lq, d = query.shape
-        Lk = context.shape[1]
-        h = self.n_heads
-        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
+    def forward(self, query, context, key_padding_mask=None, residual: bool = True, normalize: bool = True,
+                reference: bool = False):
         q_in, kv_in = self.ln_q(query), self.ln_k(context)
-        q = F.linear(q_in, w_q, b_q).view(B, Lq, h, d // h)
-        k = F.linear(kv_in, w_k, b_k).view(B, Lk, h, d // h)
-        v = F.linear(kv_in, w_v, b_v).view(B, Lk, h, d // h)
-        out = self.attn.out_proj(cross_attention(q, k, v, key_padding_mask).reshape(B, Lq, d))
+        if reference:  # upstream's module: nn.MultiheadAttention's own forward over the same parameters
+            out = self.attn(q_in, kv_in, kv_in, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        else:
+            B, Lq, d = query.shape
+            Lk = context.shape[1]
+            h = self.n_heads
+            (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
+            q = F.linear(q_in, w_q, b_q).view(B, Lq, h, d // h)
+            k = F.linear(kv_in, w_k, b_k).view(B, Lk, h, d // h)
+            v = F.linear(kv_in, w_v, b_v).view(B, Lk, h, d // h)
+            out = self.attn.out_proj(cross_attention(q, k, v, key_padding_mask).reshape(B, Lq, d))
         if key_padding_mask is not None:
             # a sample without any context token gets no contribution at all (not the projection's bias)
             out = out.masked_fill(key_padding_mask.all(dim=1)[:, None, None], 0.0)
