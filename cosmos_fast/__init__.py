@@ -5,6 +5,7 @@ from .nn import EMATeacher
 from .ops.attention import cross_attention
 from .ops.contrastive import contrastive_loss, multiview_contrastive_loss
 from .ops.ema import ema_update_
+from .ops.fused_linear import fused_linear_bce, fused_linear_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["EMATeacher", "backends", "contrastive_loss", "cross_attention", "ema_update_", "multiview_contrastive_loss", "nn"]
+__all__ = ["EMATeacher", "backends", "contrastive_loss", "cross_attention", "ema_update_", "fused_linear_bce", "fused_linear_cross_entropy", "multiview_contrastive_loss", "nn"]

@@ -42,3 +42,20 @@ def test_class_embeddings_average_the_templates():
 
     emb = class_embeddings(encode, ["cat"], templates=("a {}", "b {}"))
     torch.testing.assert_close(emb, torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
+
+
+def test_top5_and_recall_at_5_hand_computed():
+    # 7 classes; class embeddings on the axes, so an image's logits are its coordinates
+    class_emb = torch.eye(7)
+    images = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1],    # label 0: ranked 1st
+                           [7.0, 6, 5, 4, 3, 2, 1],    # label 4: 5th -> top5 only
+                           [7.0, 6, 5, 4, 3, 2, 1],    # label 5: 6th -> neither
+                           [1.0, 2, 3, 4, 5, 6, 7]])   # label 2: 5th -> top5 only
+    m = classification_accuracy(images, torch.tensor([0, 4, 5, 2]), class_emb)
+    assert m == pytest.approx({"top1": 25.0, "top5": 75.0})
+    # the same ranks as retrieval: 4 images (the rows), one caption per class axis; caption j describes image
+    # j // 2 (two captions each, the 7th caption image 3's third)
+    m = retrieval_recall(images, class_emb, torch.tensor([0, 0, 1, 1, 2, 2, 3]), ks=(1, 5))
+    # image->text: image 0 ranks caption 0 first; image 1 ranks caption 2 third; image 2 ranks caption 4 fifth;
+    # image 3 ranks caption 6 first
+    assert m["i2t_R@1"] == pytest.approx(50.0) and m["i2t_R@5"] == pytest.approx(100.0)

@@ -27,7 +27,8 @@ import config as config_lib  # noqa: E402
 import cosmos_fast  # noqa: E402
 from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views, to_model_input  # noqa: E402
 from cosmos_fast.data.synthetic import COLORS  # noqa: E402
-from cosmos_fast.eval import class_embeddings, classification_accuracy, retrieval_recall  # noqa: E402
+from cosmos_fast.eval import (class_embeddings, classification_accuracy, encode_images, encode_texts,  # noqa: E402
+                              retrieval_recall)
 from cosmos_fast.models import CosmosModel, Tokenizer  # noqa: E402
 from cosmos_fast.models import config as model_config  # noqa: E402
 
@@ -113,16 +114,12 @@ def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str,
     model.eval()
     dataset = ShapesDataset("heldout", size=cfg.data.eval_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
     samples = [dataset[i] for i in range(len(dataset))]
-    to_tensor = to_model_input()
-    images = torch.stack([to_tensor(s["image"]) for s in samples]).to(device)
-    image_emb = torch.cat([model.encode_image(chunk)[0] for chunk in images.split(256)])
-    texts = [s["long_captions"][0] for s in samples]
-    text_emb = torch.cat([model.encode_text(tokenizer(texts[i:i + 256]).to(device))[0]
-                          for i in range(0, len(texts), 256)])
-    metrics = retrieval_recall(image_emb.cpu(), text_emb.cpu(), torch.arange(len(samples)))
-    classes = class_embeddings(lambda t: model.encode_text(tokenizer(t).to(device))[0].cpu(), ShapesDataset.classes,
-                               templates=SHAPE_TEMPLATES)
-    metrics.update(classification_accuracy(image_emb.cpu(), torch.tensor([s["label"] for s in samples]), classes))
+    image_emb = encode_images(model, [s["image"] for s in samples], transform=to_model_input(), device=device)
+    text_emb = encode_texts(model, tokenizer, [s["long_captions"][0] for s in samples], device=device)
+    metrics = retrieval_recall(image_emb, text_emb, torch.arange(len(samples)))
+    classes = class_embeddings(lambda texts: encode_texts(model, tokenizer, texts, device=device),
+                               ShapesDataset.classes, templates=SHAPE_TEMPLATES)
+    metrics.update(classification_accuracy(image_emb, torch.tensor([s["label"] for s in samples]), classes))
     model.train()
     return metrics
 

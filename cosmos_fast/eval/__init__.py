@@ -1,4 +1,9 @@
-"""Zero-shot evaluation: retrieval and classification metrics."""
+"""Zero-shot evaluation: retrieval and classification metrics, encoders and dataset readers for user data
+(``python -m cosmos_fast.eval``: a checkpoint on a Karpathy JSON split and/or an ImageFolder)."""
 from .metrics import OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, retrieval_recall
+from .zero_shot import (ClassificationSet, RetrievalSet, encode_images, encode_texts, image_transform,
+                        load_checkpoint, model_from_state_dict, read_imagefolder, read_karpathy, tower_state_dict)
 
-__all__ = ["OPENAI_TEMPLATES_SHORT", "class_embeddings", "classification_accuracy", "retrieval_recall"]
+__all__ = ["OPENAI_TEMPLATES_SHORT", "ClassificationSet", "RetrievalSet", "class_embeddings",
+           "classification_accuracy", "encode_images", "encode_texts", "image_transform", "load_checkpoint",
+           "model_from_state_dict", "read_imagefolder", "read_karpathy", "retrieval_recall", "tower_state_dict"]

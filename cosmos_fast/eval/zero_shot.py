@@ -1,0 +1,198 @@
+"""Zero-shot evaluation of a CosmosModel on user data: encoders over batches, the two dataset layouts (COCO/Flickr
+Karpathy JSON for retrieval, an ImageFolder for classification) and checkpoint loading."""
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
+
+from ..data.augment import to_model_input
+from ..models import CosmosModel, Tokenizer, config, state_dict_from_checkpoint
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_transform(size: int) -> T.Compose:
+    """PIL image -> the model's input: shorter side resized to ``size`` (bicubic), centre-cropped square,
+    CLIP-normalised."""
+    return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
+                      to_model_input()])
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images given as PIL images or paths (opened lazily, in the loader's workers), transformed."""
+
+    def __init__(self, images: Sequence, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        return self.transform(image)
+
+
+@torch.no_grad()
+def encode_images(model: CosmosModel, images: Sequence, transform=None, batch_size: int = 256, device="cpu",
+                  workers: int = 0, progress: bool = False) -> torch.Tensor:
+    """[N, E] unnormalised image embeddings (on the CPU) of PIL images or image paths. ``transform`` defaults to
+    :func:`image_transform` at the model's image size."""
+    transform = transform or image_transform(model.config.image_size)
+    loader = torch.utils.data.DataLoader(_Images(images, transform), batch_size=batch_size, num_workers=workers)
+    return torch.cat([model.encode_image(batch.to(device))[0].cpu()
+                      for batch in tqdm(loader, desc="images", disable=not progress, leave=False)])
+
+
+@torch.no_grad()
+def encode_texts(model: CosmosModel, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 256,
+                 device="cpu", progress: bool = False) -> torch.Tensor:
+    """[N, E] unnormalised text embeddings (on the CPU)."""
+    starts = range(0, len(texts), batch_size)
+    return torch.cat([model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device))[0].cpu()
+                      for i in tqdm(starts, desc="texts", disable=not progress, leave=False)])
+
+
+@dataclass
+class RetrievalSet:
+    """Images and their captions, several per image: ``caption_image[j]`` is the image caption ``j`` describes."""
+    images: list[Path]
+    captions: list[str]
+    caption_image: torch.Tensor
+
+
+@dataclass
+class ClassificationSet:
+    images: list[Path]
+    labels: torch.Tensor
+    class_names: list[str]
+
+
+def read_karpathy(json_path: str | Path, image_root: str | Path, split: str = "test") -> RetrievalSet:
+    """One split of a Karpathy-format COCO/Flickr JSON: ``{"images": [{"filename", "filepath"?, "split",
+    "sentences": [{"raw"}]}]}``; an image's file is ``image_root/filepath/filename`` (COCO) or
+    ``image_root/filename`` (Flickr). Images without captions are left out."""
+    json_path, image_root = Path(json_path), Path(image_root)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"no Karpathy JSON at {json_path}")
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image root {image_root} is not a directory")
+    entries = json.loads(json_path.read_text()).get("images")
+    if not isinstance(entries, list):
+        raise ValueError(f"{json_path} has no 'images' list: not a Karpathy-format JSON")
+    chosen = [e for e in entries if e.get("split") == split and e.get("sentences")]
+    if not chosen:
+        splits = sorted({str(e.get("split")) for e in entries})
+        raise ValueError(f"{json_path}: no captioned images in split {split!r} (splits there: {splits})")
+    images, captions, caption_image = [], [], []
+    for entry in chosen:
+        images.append(image_root / entry.get("filepath", "") / entry["filename"])
+        for sentence in entry["sentences"]:
+            captions.append(sentence["raw"].strip())
+            caption_image.append(len(images) - 1)
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(images)} images of split {split!r} are missing under "
+                                f"{image_root}, e.g. {missing[0]}")
+    return RetrievalSet(images, captions, torch.tensor(caption_image))
+
+
+def read_imagefolder(root: str | Path) -> ClassificationSet:
+    """An ImageFolder layout, ``root/<class>/<image>``: classes in sorted folder order, named by their folder with
+    ``_`` read as a space (``golden_retriever`` -> "golden retriever")."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is not a directory")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise ValueError(f"{root} has no class folders (expected {root}/<class>/<image>)")
+    images, labels = [], []
+    empty = []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            empty.append(folder.name)
+        images += files
+        labels += [label] * len(files)
+    if empty:
+        raise ValueError(f"class folders without images ({', '.join(IMAGE_EXTENSIONS)}) in {root}: {empty}")
+    return ClassificationSet(images, torch.tensor(labels), [p.name.replace("_", " ") for p in folders])
+
+
+class _Stub:
+    """Stands in, while unpickling, for a class that cannot be imported here (the trainer's config dataclasses
+    live in train/, outside the package); its fields still read as attributes."""
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _Stub
+
+
+class _LenientPickle:
+    """A pickle module for ``torch.load`` that stubs out classes it cannot import."""
+    Unpickler = _LenientUnpickler
+    load = staticmethod(pickle.load)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint on the CPU. It is unpickled in full (the trainer stores its config): load only files you
+    trust."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def tower_state_dict(checkpoint: dict, which: str) -> dict[str, torch.Tensor]:
+    """The CosmosModel weights of ``which`` ("student" or "teacher") in a checkpoint: the trainer's ``model`` and
+    ``teacher`` (an EMATeacher's state, the model under ``module.``), or see
+    :func:`~cosmos_fast.models.state_dict_from_checkpoint`."""
+    if which == "student" and "model" in checkpoint:
+        return checkpoint["model"]
+    if which == "teacher":
+        if "teacher" not in checkpoint:
+            raise KeyError(f"the checkpoint has no 'teacher' weights (its keys: {sorted(checkpoint)})")
+        state = checkpoint["teacher"]
+        if any(k.startswith("module.") for k in state):
+            return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+        return state
+    state = state_dict_from_checkpoint(checkpoint, which)
+    if "visual.pos_embed" not in state:
+        raise KeyError(f"the checkpoint has no {which} CosmosModel weights (expected 'model', '{which}' or a plain "
+                       f"state dict; its keys: {sorted(checkpoint)[:10]})")
+    return state
+
+
+def model_from_state_dict(state: dict[str, torch.Tensor], name: str) -> CosmosModel:
+    """A CosmosModel of config ``name`` holding ``state``; the image size and context length are read off the
+    position embeddings, so a model trained at another resolution loads as it was trained."""
+    patch = config(name).patch_size
+    try:
+        tokens = state["visual.pos_embed"].shape[1] - 1  # the [CLS] token has a position too
+        context_length = state["text.positional_embedding"].shape[0]
+    except KeyError as exc:
+        raise KeyError(f"not CosmosModel weights: {exc.args[0]!r} is missing") from exc
+    model = CosmosModel(config(name, image_size=round(tokens ** 0.5) * patch, context_length=context_length))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"the weights do not fit model config {name!r}: {exc}") from exc
+    return model.eval()

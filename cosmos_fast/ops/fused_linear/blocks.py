@@ -1,0 +1,86 @@
+"""What both paths share: active-row selection, the bounded row blocks, and the backward's matrix products.
+
+Memory bound: no step holds more than ``BLOCK_ELEMENTS`` logits (or dL/dlogits) at once, i.e. a block of
+``BLOCK_ELEMENTS // V`` rows; beyond the inputs and the gradients, the backward adds that block and, when
+there is more than one block, an fp32 accumulator for dL/dweight [V, H].
+"""
+from __future__ import annotations
+
+import torch
+
+# Largest [rows, V] block of logits or of dL/dlogits one step holds: 16 Mi elements (32 MiB in bf16),
+# enough rows (549 at V = 30522) for the backward's matrix products to run at full rate.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def row_blocks(n: int, V: int):
+    """(start, stop) of consecutive row blocks of at most ``BLOCK_ELEMENTS // V`` rows (at least one)."""
+    step = max(1, BLOCK_ELEMENTS // max(V, 1))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def active_rows(target: torch.Tensor, ignore_index: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indexes [n] of the rows whose target is not ``ignore_index``, their targets [n]).
+
+    Raises ValueError when an active target lies outside [0, V)."""
+    rows = torch.nonzero(target != ignore_index).squeeze(1)
+    targets = target.index_select(0, rows)
+    out_of_range = (targets < 0) | (targets >= V)
+    if bool(out_of_range.any()):
+        bad = targets[out_of_range][0].item()
+        raise ValueError(f"target values must be in [0, {V}) or equal ignore_index ({ignore_index}), got {bad}")
+    return rows, targets
+
+
+def soft_row_index(soft_logits: torch.Tensor, rows: torch.Tensor, N: int) -> torch.Tensor:
+    """Row of ``soft_logits`` for each active row: it holds one row per input row [N, V] or one per active
+    row [n, V] (teacher logits computed at the masked positions only); the two agree when every row is active."""
+    if soft_logits.shape[0] == N:
+        return rows
+    if soft_logits.shape[0] == rows.numel():
+        return torch.arange(rows.numel(), device=rows.device)
+    raise ValueError(f"soft_logits must have N = {N} rows (one per hidden row) or {rows.numel()} (one per row whose "
+                     f"target is not ignore_index), got {soft_logits.shape[0]}")
+
+
+def linear_backward(hidden, weight, need_hidden, need_weight, need_bias, grad_block):
+    """Gradients of ``logits = hidden @ weight^T + bias`` from bounded blocks of dL/dlogits.
+
+    ``grad_block(start, stop)`` returns dL/dlogits [stop - start, V] of rows start..stop, in the dtype of
+    ``hidden`` and ``weight`` (the operands of the products). Returns (d_hidden [n, H], d_weight [V, H] and
+    d_bias [V] in fp32 (fp64 for fp64 operands), each None when not needed)."""
+    n, V = hidden.shape[0], weight.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    d_hidden = torch.empty_like(hidden) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+    d_bias = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None
+    for start, stop in row_blocks(n, V):
+        grad = grad_block(start, stop)
+        if need_hidden:
+            torch.mm(grad, weight, out=d_hidden[start:stop])
+        if need_weight:
+            _accumulate_mm(d_weight, grad.t(), hidden[start:stop])
+        if need_bias:
+            d_bias += grad.sum(0, dtype=acc_dtype)
+    return d_hidden, d_weight, d_bias
+
+
+def _accumulate_mm(acc, x, y):
+    """acc += x @ y with acc in fp32. 16-bit CUDA operands accumulate in fp32 inside cuBLAS where this PyTorch
+    has addmm's out_dtype (no 16-bit temporary); otherwise through a temporary."""
+    if x.dtype != acc.dtype and x.is_cuda and _ADDMM_HAS_OUT_DTYPE:
+        torch.addmm(acc, x, y, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += torch.mm(x, y)
+
+
+def _addmm_has_out_dtype() -> bool:
+    try:
+        schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")]
+    except RuntimeError:
+        return False
+    return any("out_dtype" in schema for schema in schemas)
+
+
+_ADDMM_HAS_OUT_DTYPE = _addmm_has_out_dtype()

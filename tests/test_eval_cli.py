@@ -1,0 +1,98 @@
+"""`python -m cosmos_fast.eval` on a tiny ImageFolder and a tiny Karpathy JSON, with a checkpoint of a randomly
+initialised tiny model in the trainer's format; and its errors."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import cosmos_fast
+from cosmos_fast.eval import __main__ as cli
+from cosmos_fast.eval.zero_shot import read_imagefolder, read_karpathy
+from cosmos_fast.models import CosmosModel, config
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The trainer's layout: student under "model", the EMATeacher's state under "teacher", trained at 32 px."""
+    torch.manual_seed(0)
+    model = CosmosModel(config("tiny", image_size=32, context_length=16))
+    teacher = cosmos_fast.EMATeacher(model, momentum=0.9)
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "teacher": teacher.state_dict(), "step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    for name, rgb in COLORS.items():
+        (root / f"dark_{name}").mkdir()
+        for i in range(3):
+            Image.new("RGB", (40 + 8 * i, 36), rgb).save(root / f"dark_{name}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def karpathy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    (root / "val2014").mkdir()
+    images = []
+    for i, (name, rgb) in enumerate(COLORS.items()):
+        Image.new("RGB", (48, 40), rgb).save(root / "val2014" / f"{i}.jpg")
+        images.append({"filepath": "val2014", "filename": f"{i}.jpg", "split": "test",
+                       "sentences": [{"raw": f"a {name} picture."}, {"raw": f"all {name}"}]})
+    images.append({"filepath": "val2014", "filename": "absent.jpg", "split": "train", "sentences": [{"raw": "x"}]})
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images}))
+    return path, root
+
+
+def test_readers(imagefolder, karpathy):
+    folder = read_imagefolder(imagefolder)
+    assert folder.class_names == ["dark blue", "dark green", "dark red"]  # sorted folders, "_" read as a space
+    assert folder.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and len(folder.images) == 9
+    coco = read_karpathy(*karpathy, split="test")  # the train image's file is absent: not read
+    assert len(coco.images) == 3 and coco.captions[:2] == ["a red picture.", "all red"]
+    assert coco.caption_image.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_cli_both_tasks_student_and_teacher(checkpoint, imagefolder, karpathy, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert cli.main(["--checkpoint", str(checkpoint), "--model", "tiny", "--imagefolder", str(imagefolder),
+                     "--templates", "a photo of a {}.", "{}", "--karpathy", str(karpathy[0]), "--images",
+                     str(karpathy[1]), "--batch-size", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "32 px" in printed and "student" in printed and "teacher" in printed
+    results = json.loads(out.read_text())
+    assert results["chance"] == pytest.approx({"R@1": 100 / 3, "top1": 100 / 3})
+    for which in ("student", "teacher"):
+        metrics = results["metrics"][which]
+        assert set(metrics) == {"i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "top1", "top5"}
+        assert all(0 <= v <= 100 for v in metrics.values())
+        assert metrics["i2t_R@5"] == metrics["top5"] == 100.0  # 3 images, 3 classes: everything is in the top 5
+    # an untrained student and its fresh EMA copy are the same model
+    assert results["metrics"]["student"] == pytest.approx(results["metrics"]["teacher"])
+
+
+def test_cli_errors(checkpoint, imagefolder, karpathy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--model", "tiny", "--imagefolder", str(imagefolder)])
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(tmp_path / "absent")])
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="without images"):
+        cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="no captioned images in split 'val'"):
+        cli.main(["--checkpoint", str(checkpoint), "--karpathy", str(karpathy[0]), "--images", str(karpathy[1]),
+                  "--split", "val"])
+    with pytest.raises(SystemExit):  # argparse: --karpathy without --images
+        cli.main(["--checkpoint", str(checkpoint), "--karpathy", str(karpathy[0])])
+    with pytest.raises(SystemExit, match="pass --model"):  # no training config in it to say which model
+        cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(imagefolder)])
+    no_teacher = tmp_path / "student_only.pt"
+    torch.save({"model": torch.load(checkpoint)["model"]}, no_teacher)
+    with pytest.raises(KeyError, match="no 'teacher' weights"):
+        cli.main(["--checkpoint", str(no_teacher), "--model", "tiny", "--imagefolder", str(imagefolder)])
