@@ -24,11 +24,32 @@ def test_default_config_and_overrides():
     (["psd.source=moco"], "psd.source must be self or ema"),
     (["data.source=webdataset"], "needs data.path"),
     (["steps=3"], "must look like section.key=value"),
+    (["run.kernels=triton"], "run.kernels must be one of fused, reference"),
+    (["run.precision=fp8"], "run.precision must be one of auto, bf16, fp16, fp32"),
+    (["teacher.schedule=linear"], "teacher.schedule must be one of fixed, cosine"),
+    (["optim.accumulate=0"], "optim.accumulate must be at least 1"),
 ])
 def test_bad_config_is_an_error(overrides, words):
     with pytest.raises(ValueError) as info:
         config.load(CONFIGS / "tiny-cpu.yaml", overrides)
     assert words in str(info.value)
+
+
+def test_new_keys_default_to_the_plain_run():
+    cfg = config.load(CONFIGS / "tiny-cpu.yaml")
+    assert (cfg.run.kernels, cfg.run.precision, cfg.run.fsdp, cfg.run.tensorboard) == ("fused", "auto", False, False)
+    assert cfg.optim.accumulate == 1 and cfg.teacher.update_before_step is False
+
+
+def test_upstream_recipe_config():
+    """vit-b16-cc3m.yaml holds cosmos.md's Recipe."""
+    cfg = config.load(CONFIGS / "vit-b16-cc3m.yaml")
+    assert cfg.model.name == "vit-b16" and cfg.data.source == "webdataset" and cfg.data.path
+    assert (cfg.data.image_size, cfg.data.local_size, cfg.data.context_length) == (224, 96, 77)
+    assert cfg.data.batch_size == 1024 and cfg.teacher.momentum == 0.999 and cfg.teacher.schedule == "fixed"
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (
+        5e-4, (0.9, 0.98), 1e-8, 0.5, 2000)
+    assert cfg.run.objective == "cosmos" and cfg.run.steps * cfg.data.batch_size >= 32 * 2_800_000
 
 
 def test_missing_config_file(tmp_path):

@@ -19,13 +19,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "shapes"  # shapes (built in) | webdataset
-    path: str | None = None  # shard pattern for webdataset
+    path: str | None = None  # webdataset shards: a brace pattern, e.g. /data/cc3m/{00000..00575}.tar
+    shuffle: int = 1000  # webdataset: sample shuffle buffer
     train_size: int = 2000
     eval_size: int = 250
     image_size: int = 64
     local_size: int = 32
     context_length: int = 32
-    batch_size: int = 64
+    batch_size: int = 64  # global (over all ranks) per micro-batch
     workers: int = 0
 
 
@@ -36,7 +37,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.5
     warmup_steps: int = 50
-    clip_grad: float | None = None
+    clip_grad: float | None = None  # max gradient norm
+    accumulate: int = 1  # micro-batches per optimizer step (contrastive negatives come from each micro-batch)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TeacherConfig:
     momentum: float = 0.99
     schedule: str = "fixed"  # fixed | cosine
     final_momentum: float = 1.0
+    update_before_step: bool = False  # True: EMA after backward but before optimizer.step(), as upstream COSMOS
 
 
 @dataclass
@@ -65,6 +68,10 @@ class RunConfig:
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
     stop_at: int | None = None  # stop (with a checkpoint) after this many steps; --resume continues
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (with a GradScaler) | fp32
+    kernels: str = "fused"  # fused (cosmos_fast) | reference (upstream: per-pair full logits, per-tensor EMA, MHA)
+    fsdp: bool = False  # under torchrun: shard student and teacher with FSDP2 instead of DDP on the student
+    tensorboard: bool = False  # also write TensorBoard scalars to out_dir (needs the tensorboard package)
 
 
 @dataclass
@@ -137,4 +144,12 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
         raise ValueError(f"data.source must be shapes or webdataset, got {cfg.data.source!r}")
     if cfg.data.source == "webdataset" and not cfg.data.path:
         raise ValueError("data.source=webdataset needs data.path (a shard pattern)")
+    for key, value, allowed in (("run.precision", cfg.run.precision, ("auto", "bf16", "fp16", "fp32")),
+                                ("run.kernels", cfg.run.kernels, ("fused", "reference")),
+                                ("run.device", cfg.run.device, ("auto", "cpu", "cuda")),
+                                ("teacher.schedule", cfg.teacher.schedule, ("fixed", "cosine"))):
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.optim.accumulate < 1:
+        raise ValueError(f"optim.accumulate must be at least 1, got {cfg.optim.accumulate}")
     return cfg
