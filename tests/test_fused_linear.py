@@ -69,8 +69,8 @@ def names(with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("N,H,V", [(20, 48, 1), (20, 48, 37), (33, 40, 1000)])
+@pytest.mark.parametrize("N,H,V,alpha", [(20, 48, 1, 0.0), (20, 48, 37, 0.4), (20, 48, 37, 1.0), (33, 40, 1000, 0.0),
+                                         (33, 40, 1000, 0.4)])
 def test_cross_entropy(backend, N, H, V, alpha, dtype):
     with_bias = V != 37
     target = ce_targets(N, V)
@@ -123,8 +123,8 @@ def test_cross_entropy_large_vocabulary(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("alpha", [0.0, 0.4])
-@pytest.mark.parametrize("N,H,V,bool_target", [(20, 48, 1, True), (20, 48, 37, False), (33, 40, 1000, True)])
+@pytest.mark.parametrize("N,H,V,bool_target,alpha", [(20, 48, 1, True, 0.4), (20, 48, 37, False, 0.0),
+                                                     (17, 40, 1000, True, 0.0), (17, 40, 1000, False, 0.4)])
 def test_bce(backend, N, H, V, bool_target, alpha, dtype):
     with_bias = V != 37
     g = torch.Generator().manual_seed(7)

@@ -2,5 +2,6 @@
 from .attention import CrossAttentionPooler
 from .contrastive import ContrastiveLoss, CosmosLoss, CosmosLossOutput
 from .ema import EMATeacher
+from .queue import FeatureQueue
 
-__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "CrossAttentionPooler", "EMATeacher"]
+__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "CrossAttentionPooler", "EMATeacher", "FeatureQueue"]
