@@ -1,24 +1,36 @@
 """Reference COSMOS trainer: one readable loop (nanoGPT/DINO style) on cosmos_fast's kernels.
 
 Usage: python train/train.py [--config train/configs/tiny-cpu.yaml] [section.key=value ...]
+       torchrun --nproc-per-node N train/train.py ...   (DDP, or FSDP2 with run.fsdp=true)
 
 Student forward on 2 global + 6 local crops and 8 captions, teacher (EMA copy) forward on the 2 global crops
-and the 2 global captions, CosmosLoss (or the CLIP loss alone), AdamW, temperature clamp, EMA update; a JSONL
-log and a progress bar; zero-shot retrieval and classification on the held-out split at the end.
+and the 2 global captions, CosmosLoss (or the CLIP or PSD loss), AdamW, temperature clamp, EMA update; a JSONL
+log and a progress bar; zero-shot retrieval and classification on the held-out split at the end (shapes).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import sys
+import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from braceexpand import braceexpand
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,11 +38,18 @@ import config as config_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
 from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views, to_model_input  # noqa: E402
+from cosmos_fast.data.shards import IMAGE_KEYS, shard_stream  # noqa: E402
 from cosmos_fast.data.synthetic import COLORS  # noqa: E402
+from cosmos_fast.distributed import all_gather_no_grad, all_gather_with_grad, world  # noqa: E402
 from cosmos_fast.eval import (class_embeddings, classification_accuracy, encode_images, encode_texts,  # noqa: E402
                               retrieval_recall)
 from cosmos_fast.models import CosmosModel, Tokenizer  # noqa: E402
 from cosmos_fast.models import config as model_config  # noqa: E402
+from cosmos_fast.ops.contrastive.reference import (contrastive_loss_reference,  # noqa: E402
+                                                   multiview_contrastive_loss_reference)
+
+# full (unsharded) state dicts on the CPU: a checkpoint loads into any world size, with or without FSDP
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -52,31 +71,146 @@ SHAPE_TEMPLATES = tuple(f"a picture of {'an' if c[0] in 'aeiou' else 'a'} {c} {{
 
 
 class Collate:
-    """Transform each raw sample, then batch view-major (a class, not a lambda: workers pickle it)."""
+    """Transform each raw sample, then batch view-major (a class, not a lambda: workers pickle it).
 
-    def __init__(self, transform: CosmosTransform):
-        self.transform = transform
+    ``seeded``: each sample's image crops are drawn from its own seed (run seed, epoch, key), so a sample's views
+    do not depend on which rank, worker or batch position handles it (what makes N ranks equal one process).
+    Resampled webdataset streams repeat keys across epochs they do not count, so they draw from torch's RNG.
+    """
+
+    def __init__(self, transform: CosmosTransform, seeded: bool):
+        self.transform, self.seeded = transform, seeded
+
+    def _one(self, sample):
+        if not self.seeded:
+            return self.transform(sample)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{self.transform.seed}/{self.transform.epoch}/{sample['key']}".encode()))
+            return self.transform(sample)
 
     def __call__(self, samples):
-        return collate_views([self.transform(s) for s in samples])
+        return collate_views([self._one(s) for s in samples])
 
 
-def psd_loss(out, teacher, global_crops, captions, step, cfg):
-    """PSD: the CLIP loss on the first global crop and caption with targets softened, on a fresh random subset
-    of rows, by a detached similarity: the student's own (at half its temperature) or the EMA teacher's."""
-    image, text, scale = out["image"][0], out["text"][0], out["logit_scale"]
-    ramp = cfg.psd.ramp_steps or cfg.run.steps
-    alpha = cfg.psd.alpha_max * min(1.0, step / ramp)
-    soft_mask = torch.rand(image.shape[0], device=image.device) < cfg.psd.subset
-    if cfg.psd.source == "self":
-        source = (image.detach(), text.detach(), 2 * scale.detach())
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        values = values.clone()
+        dist.all_reduce(values)  # gloo has no AVG
+        values /= world()[1]
+    return values
+
+
+def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, micro_step, cfg):
+    """(loss to backpropagate, {name: detached part}) of the configured objective on this rank's rows.
+
+    kernels=fused: cosmos_fast's losses score the local rows against the gathered columns. kernels=reference:
+    upstream's way, every rank gathers the whole batch and loops over view pairs with full N x N logits and
+    F.cross_entropy; each rank then holds the global loss, and after DDP's averaging the gradient is the same.
+    """
+    reference = cfg.run.kernels == "reference"
+    out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding,
+                reference_attention=reference)
+    if reference:
+        out = {k: all_gather_with_grad(v, dim=1) if v.ndim == 3 else v for k, v in out.items()}
+    image, text, scale = out["image"], out["text"], out["logit_scale"]
+    if cfg.run.objective == "clip":
+        loss = (multiview_contrastive_loss_reference if reference else cosmos_fast.multiview_contrastive_loss)(
+            image[:2], text, scale)
+        return loss, {}
+    gather = all_gather_no_grad if reference else (lambda x, dim: x)
+    if cfg.run.objective == "psd":
+        ramp = cfg.psd.ramp_steps or cfg.run.steps
+        alpha = cfg.psd.alpha_max * min(1.0, step / ramp)
+        # the soft subset of the whole global batch, from (seed, micro-step): any number of ranks draws the same
+        n, (rank, size) = image.shape[1], world()
+        draw = torch.rand(n if reference else n * size, generator=torch.Generator().manual_seed(
+            cfg.run.seed * 1_000_003 + micro_step))
+        soft_mask = (draw < cfg.psd.subset).to(image.device)
+        if not reference:
+            soft_mask = soft_mask[rank * n:(rank + 1) * n]
+        # targets softened by a detached similarity: the student's own (at half its temperature) or the teacher's
+        if cfg.psd.source == "self":
+            source = (image[0].detach(), text[0].detach(), 2 * scale.detach())
+        else:
+            with torch.no_grad():
+                source = (gather(F.normalize(teacher.module.encode_image(global_crops[0])[0], dim=-1), dim=0),
+                          gather(F.normalize(teacher.module.encode_text(captions[0])[0], dim=-1), dim=0),
+                          teacher.module.logit_scale.exp())
+        loss = (contrastive_loss_reference if reference else cosmos_fast.contrastive_loss)(
+            image[0], text[0], scale, teacher=source, alpha=alpha, soft_mask=soft_mask)
+        return loss, {"alpha": torch.tensor(alpha)}
+    with torch.no_grad():
+        B = global_crops.shape[1]
+        t_image = F.normalize(teacher.module.encode_image(global_crops.flatten(0, 1))[0], dim=-1).view(2, B, -1)
+        t_text = F.normalize(teacher.module.encode_text(captions[:2].flatten(0, 1))[0], dim=-1).view(2, B, -1)
+        t_image, t_text = gather(t_image, dim=1), gather(t_text, dim=1)
+    if reference:
+        distill = out["distill_logit_scale"]
+        clip = multiview_contrastive_loss_reference(image[:2], text, scale)
+        cosmos = sum(multiview_contrastive_loss_reference(x, t, distill)
+                     for x in (out["cross_image"], out["cross_text"]) for t in (t_image, t_text)) / 4
     else:
-        with torch.no_grad():
-            source = (F.normalize(teacher.module.encode_image(global_crops[0])[0], dim=-1),
-                      F.normalize(teacher.module.encode_text(captions[0])[0], dim=-1),
-                      teacher.module.logit_scale.exp())
-    loss = cosmos_fast.contrastive_loss(image, text, scale, teacher=source, alpha=alpha, soft_mask=soft_mask)
-    return loss, {"alpha": alpha}
+        clip, cosmos = loss_fn(image[:2], text, out["cross_image"], out["cross_text"], t_image, t_text, scale,
+                               out["distill_logit_scale"])[1:]
+    return clip + cosmos, {"clip": clip.detach(), "cosmos": cosmos.detach()}
+
+
+@torch.no_grad()
+def update_teacher(teacher: cosmos_fast.EMATeacher, student: torch.nn.Module, step: int, cfg) -> None:
+    """t <- m t + (1 - m) s over all parameters. fused: EMATeacher's one multi-tensor pass (under FSDP the same
+    kernel on the local shards, sharded alike); reference: upstream's per-tensor loop. The model's buffers are
+    constants (the text causal mask), so the teacher's copies from construction stay right."""
+    if cfg.run.kernels == "fused" and not cfg.run.fsdp:
+        teacher.update(step)
+        return
+    momentum = teacher.momentum_at(step)
+    pairs = [(local(t), local(s)) for t, s in zip(teacher.module.parameters(), student.parameters())]
+    if cfg.run.kernels == "fused":
+        cosmos_fast.ema_update_([t for t, _ in pairs], [s for _, s in pairs], momentum)
+    else:
+        for t, s in pairs:
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    teacher.num_updates += 1
+
+
+def shard(model: CosmosModel, teacher_side: bool) -> None:
+    """FSDP2: each transformer block, then the rest. The two scalar temperatures stay replicated (fully_shard
+    shards no 0-d parameter; their gradients are averaged by hand). The encode_* methods get FSDP's hooks too.
+    The teacher reshards after every forward (nothing to backpropagate); the student's root keeps its
+    parameters gathered for the backward, as FSDP2 does by default."""
+    for block in list(model.visual.blocks) + list(model.text.transformer.resblocks):
+        fully_shard(block)
+    fully_shard(model, ignored_params={model.logit_scale, model.distill_logit_scale},
+                reshard_after_forward=True if teacher_side else None)
+    for name in ("encode_image", "encode_text"):
+        register_fsdp_forward_method(model, name)
+
+
+def gradient_sync(model, enabled: bool):
+    """Reduce gradients across ranks only on a step's last micro-batch (DDP: no_sync; FSDP2: a flag)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def check_shards(pattern: str) -> None:
+    """Before anything trains: every local shard exists, and the first holds an image."""
+    urls = list(braceexpand(pattern))
+    if any(u.startswith("pipe:") or "://" in u for u in urls):
+        return  # remote shards: webdataset reports them as it opens them
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.path: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    with tarfile.open(urls[0]) as tar:
+        if not any(m.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS for m in tar):
+            raise ValueError(f"data.path: the shard {urls[0]} holds no image sample (is the dataset empty?)")
 
 
 def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -86,19 +220,32 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[lis
 
 
 def batches(dataset, collate, cfg, epoch: int, position: int):
-    """(epoch, position, batch) forever, starting at batch ``position`` of ``epoch``."""
+    """(epoch, position, batch) forever, starting at batch ``position`` of ``epoch``; each rank takes its slice of
+    every global batch, so N ranks see together what one process sees."""
+    rank, size = world()
+    n = cfg.data.batch_size // size
     while True:
         collate.transform.set_epoch(epoch)  # fresh text crops every epoch
-        plan = epoch_batches(len(dataset), cfg.data.batch_size, cfg.run.seed, epoch)[position:]
+        plan = [b[rank * n:(rank + 1) * n]
+                for b in epoch_batches(len(dataset), cfg.data.batch_size, cfg.run.seed, epoch)[position:]]
         if plan:
-            # the loader's own generator: starting one must not draw from torch's RNG, which the (main-process)
-            # augmentations use and a checkpoint restores
+            # the loader's own generator: starting one must not draw from torch's RNG, which a checkpoint restores
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=plan, collate_fn=collate, num_workers=cfg.data.workers,
                 generator=torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch))
             for offset, batch in enumerate(loader):
                 yield epoch, position + offset, batch
         epoch, position = epoch + 1, 0
+
+
+def shard_batches(collate, cfg, position: int):
+    """(0, position, batch) forever from webdataset shards, resampled: each rank and worker draws shards with
+    replacement (open_clip's --dataset-resampled). A stream cannot seek, so a resumed run draws afresh."""
+    stream = shard_stream(cfg.data.path, resampled=True, shuffle=cfg.data.shuffle, seed=cfg.run.seed)
+    loader = torch.utils.data.DataLoader(stream, batch_size=cfg.data.batch_size // world()[1], collate_fn=collate,
+                                         num_workers=cfg.data.workers)
+    for offset, batch in enumerate(loader):
+        yield 0, position + offset, batch
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -131,91 +278,167 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     cfg = config_lib.load(args.config, args.overrides)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
+    if cfg.run.fsdp and not distributed:
+        raise ValueError("run.fsdp=true shards over ranks: start the trainer with torchrun --nproc-per-node 2 or more")
+    if distributed:
+        cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        return train(cfg, args.resume)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def train(cfg, resume: bool) -> int:
+    rank, size = world()
     device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.run.device == "auto" else cfg.run.device))
-    torch.manual_seed(cfg.run.seed)
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if cfg.data.batch_size % size:
+        raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must divide evenly over {size} ranks")
+    precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                              enabled=precision != "fp32")
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     out_dir = Path(cfg.run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    log = writer = None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
 
-    model = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size,
-                                     context_length=cfg.data.context_length)).to(device)
-    teacher = cosmos_fast.EMATeacher(model, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
-                                     final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
-    loss_fn = cosmos_fast.nn.CosmosLoss()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
     tokenizer = Tokenizer(cfg.data.context_length)
     transform = CosmosTransform(tokenizer, cfg.data.image_size, cfg.data.local_size, seed=cfg.run.seed)
-    train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
-    if len(train_set) < cfg.data.batch_size:
-        raise ValueError(f"the dataset has {len(train_set)} samples, fewer than one batch ({cfg.data.batch_size})")
+    collate = Collate(transform, seeded=cfg.data.source == "shapes")
+    if cfg.data.source == "webdataset":
+        check_shards(cfg.data.path)
+    else:
+        train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size,
+                                  seed=cfg.run.seed)
+        if len(train_set) < cfg.data.batch_size:
+            raise ValueError(f"the dataset has {len(train_set)} samples, fewer than one batch ({cfg.data.batch_size})")
+
+    raw = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size,
+                                   context_length=cfg.data.context_length)).to(device)
+    teacher = cosmos_fast.EMATeacher(raw, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
+                                     final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
+    if cfg.run.fsdp:
+        shard(raw, teacher_side=False)
+        shard(teacher.module, teacher_side=True)
+    loss_fn = cosmos_fast.nn.CosmosLoss()
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  eps=cfg.optim.eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     first_step, epoch, position = 0, 0, 0
     checkpoint_path = out_dir / "checkpoint.pt"
-    if args.resume:
+    if resume:
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # on every rank
+        set_model_state_dict(raw, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(teacher, state["teacher"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         first_step, epoch, position = state["step"], state["epoch"], state["position"]
-    stream = batches(train_set, Collate(transform), cfg, epoch, position)
-    log = (out_dir / "metrics.jsonl").open("a" if args.resume else "w")
+    model = raw
+    if size > 1 and not cfg.run.fsdp:
+        # the clip and psd objectives leave the cross-attention poolers out of the loss
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=cfg.run.objective != "cosmos")
+    if cfg.data.source == "webdataset":
+        stream = shard_batches(collate, cfg, position)
+    else:
+        stream = batches(train_set, collate, cfg, epoch, position)
+    if rank == 0:
+        log = (out_dir / "metrics.jsonl").open("a" if resume else "w")
     start = time.time()
-    bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True)
+    bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True, disable=rank != 0)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.run.steps)
-        epoch, position, batch = next(stream)
-        global_crops, local_crops, captions = (batch[k].to(device) for k in ("global", "local", "captions"))
-        out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding)
-        if cfg.run.objective == "cosmos":
-            with torch.no_grad():
-                B = global_crops.shape[1]
-                t_image = F.normalize(teacher.module.encode_image(global_crops.flatten(0, 1))[0], dim=-1)
-                t_text = F.normalize(teacher.module.encode_text(captions[:2].flatten(0, 1))[0], dim=-1)
-            losses = loss_fn(out["image"][:2], out["text"], out["cross_image"], out["cross_text"],
-                             t_image.view(2, B, -1), t_text.view(2, B, -1), out["logit_scale"],
-                             out["distill_logit_scale"])
-            loss, parts = losses.total, {"clip": losses.clip.item(), "cosmos": losses.cosmos.item()}
-        elif cfg.run.objective == "psd":
-            loss, parts = psd_loss(out, teacher, global_crops, captions, step, cfg)
-        else:
-            loss = cosmos_fast.multiview_contrastive_loss(out["image"][:2], out["text"], out["logit_scale"])
-            parts = {}
-        if not torch.isfinite(loss):
-            print(f"step {step}: loss is {loss.item()}; stopping (the last checkpoint is kept)", file=sys.stderr)
-            return 1
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logged = {}
+        for micro in range(cfg.optim.accumulate):
+            epoch, position, batch = next(stream)
+            global_crops, local_crops, captions = (batch[k].to(device, non_blocking=True)
+                                                   for k in ("global", "local", "captions"))
+            with gradient_sync(model, micro == cfg.optim.accumulate - 1):
+                with autocast:
+                    loss, parts = losses(model, teacher, loss_fn, global_crops, local_crops, captions, step,
+                                         step * cfg.optim.accumulate + micro, cfg)
+                values = mean_over_ranks(torch.stack([loss.detach().float(), *(p.float().to(device)
+                                                                               for p in parts.values())]))
+                if not torch.isfinite(values[0]):
+                    print(f"step {step}: loss is {values[0].item()}; stopping (the last checkpoint is kept)",
+                          file=sys.stderr)
+                    return 1
+                scaler.scale(loss / cfg.optim.accumulate).backward()
+            for name, value in zip(["loss", *parts], values.tolist()):
+                logged[name] = logged.get(name, 0.0) + value / cfg.optim.accumulate
+        if cfg.run.fsdp:  # the replicated temperatures: FSDP leaves their gradients to us
+            for p in (raw.logit_scale, raw.distill_logit_scale):
+                if p.grad is not None:
+                    p.grad.copy_(mean_over_ranks(p.grad))
         if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        model.clamp_logit_scales_()
-        teacher.update(step)
-        samples_per_s = (step + 1 - first_step) * cfg.data.batch_size / (time.time() - start)
-        bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{samples_per_s:.0f}")
-        if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
-            log.write(json.dumps({"step": step, "loss": loss.item(), **parts, "lr": optimizer.param_groups[0]["lr"],
-                                  "samples_per_s": samples_per_s}) + "\n")
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.clip_grad)
+        if cfg.teacher.update_before_step:  # upstream COSMOS's order
+            update_teacher(teacher, raw, step, cfg)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        raw.clamp_logit_scales_()
+        if not cfg.teacher.update_before_step:
+            update_teacher(teacher, raw, step, cfg)
+        samples_per_s = ((step + 1 - first_step) * cfg.data.batch_size * cfg.optim.accumulate
+                         / (time.time() - start))
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", samples_s=f"{samples_per_s:.0f}")
+        if rank == 0 and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
+            record = {"step": step, **logged, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s}
+            log.write(json.dumps(record) + "\n")
             log.flush()
+            if writer is not None:
+                for name, value in record.items():
+                    if name != "step":
+                        writer.add_scalar(name, value, step)
         last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at
         if (step + 1) % cfg.run.checkpoint_every == 0 or last:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
+            finite = mean_over_ranks(torch.tensor([float(all(torch.isfinite(local(p)).all()
+                                                             for p in raw.parameters()))], device=device))
+            if finite.item() < 1:
                 print(f"step {step}: parameters are no longer finite; stopping (the last checkpoint is kept)",
                       file=sys.stderr)
                 return 1
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step + 1, "epoch": epoch, "position": position + 1, "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(), "config": cfg})
+            # gathering the full state dicts is collective under FSDP: every rank takes part, rank 0 writes
+            state = {"model": get_model_state_dict(raw, options=FULL_STATE),
+                     "teacher": get_model_state_dict(teacher, options=FULL_STATE),
+                     "optimizer": get_optimizer_state_dict(raw, optimizer, options=FULL_STATE),
+                     "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch, "position": position + 1,
+                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "config": cfg}
+            if rank == 0:
+                save_checkpoint(checkpoint_path, state)
         if step + 1 == cfg.run.stop_at:
-            print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
+            if rank == 0:
+                print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
             return 0
-    metrics = {"student": evaluate(model, tokenizer, cfg, device),
+    if writer is not None:
+        writer.close()
+    if cfg.data.source != "shapes":
+        return 0  # the built-in zero-shot evaluation is on the shapes' held-out split
+    # every rank evaluates (under FSDP the forward is collective); rank 0 reports
+    metrics = {"student": evaluate(raw, tokenizer, cfg, device),
                "teacher": evaluate(teacher.module, tokenizer, cfg, device)}
+    if rank != 0:
+        return 0
     chance = {"R@1": 100 / cfg.data.eval_size, "top1": 100 / len(ShapesDataset.classes)}
     print(f"\nheld-out zero-shot ({cfg.data.eval_size} images; chance R@1 {chance['R@1']:.1f}%, "
           f"top-1 {chance['top1']:.0f}%)")
