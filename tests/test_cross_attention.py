@@ -182,3 +182,30 @@ def test_pooler_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(compiled(query, context, mask), pooler(query, context, mask))
     compiled(query, context, mask).sum().backward()
     assert torch.isfinite(query.grad).all()
+
+
+@pytest.mark.parametrize("residual,normalize", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("kdim", [None, 40], ids=["kdim=d", "kdim!=d"])
+def test_pooler_options_match_float64(backend, residual, normalize, kdim, monkeypatch):
+    """Every forward option, on both paths (the Triton one is the fused single-node pooler), against float64."""
+    torch.manual_seed(2)
+    reference = cosmos_fast.nn.CrossAttentionPooler(64, 4, kdim).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = cosmos_fast.nn.CrossAttentionPooler(64, 4, kdim)
+    ours.load_state_dict(reference.state_dict())
+    query, context = torch.randn(3, 5, 64, dtype=torch.float64), torch.randn(3, 33, kdim or 64, dtype=torch.float64)
+    mask = padding_mask(3, 33, seed=4)
+    leaves = [query.float().requires_grad_(), context.float().requires_grad_()]
+    out = ours(*leaves, mask, residual=residual, normalize=normalize)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + list(ours.parameters()), grad)
+    monkeypatch.setenv("COSMOS_FAST_BACKEND", "torch")  # float64 runs on the PyTorch path only
+    leaves64 = [query.requires_grad_(), context.requires_grad_()]
+    out64 = reference(*leaves64, mask, residual=residual, normalize=normalize)
+    grads64 = torch.autograd.grad(out64, leaves64 + list(reference.parameters()), grad.double())
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-6)
+    names = ["query", "context"] + [n for n, _ in ours.named_parameters()]
+    for name, g, g64 in zip(names, grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5, msg=name)

@@ -35,3 +35,30 @@ def test_pooler_compiles_fullgraph_inductor():
     torch.testing.assert_close(compiled(query, context, mask), pooler(query, context, mask), rtol=1e-4, atol=1e-5)
     F.mse_loss(compiled(query, context, mask), torch.zeros_like(query)).backward()
     assert torch.isfinite(query.grad).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("B,Lk,kdim", [(33, 77, 512), (16, 196, 768)])
+def test_fused_pooler_matches_float64(B, Lk, kdim, autocast):
+    """The single-node fused pooler (eager, Triton backend) against the float64 pooler: output and every gradient."""
+    torch.manual_seed(0)
+    ours = cosmos_fast.nn.CrossAttentionPooler(512, 8, kdim).cuda()
+    reference = cosmos_fast.nn.CrossAttentionPooler(512, 8, kdim).cuda().double()
+    reference.load_state_dict(ours.state_dict())
+    query, context = torch.randn(B, 8, 512, device="cuda"), torch.randn(B, Lk, kdim, device="cuda")
+    mask = torch.rand(B, Lk, device="cuda") < 0.3
+    mask[1] = True
+    leaves = [query.clone().requires_grad_(), context.clone().requires_grad_()]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = ours(*leaves, mask)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + list(ours.parameters()), grad)
+    leaves64 = [query.double().requires_grad_(), context.double().requires_grad_()]
+    out64 = reference(*leaves64, mask)
+    grads64 = torch.autograd.grad(out64, leaves64 + list(reference.parameters()), grad.double())
+    tolerance = 2e-2 if autocast else 1e-4  # relative error of the whole tensor
+    names = ["out", "query", "context"] + [n for n, _ in ours.named_parameters()]
+    for name, x, x64 in zip(names, [out, *grads], [out64, *grads64]):
+        assert x.dtype == torch.float32, name
+        error = ((x.double() - x64).norm() / x64.norm()).item()
+        assert error < tolerance, f"{name}: relative error {error:.2e}"

@@ -1,9 +1,11 @@
 """``CrossAttentionPooler``: COSMOS's cross-attention module, state-dict compatible with upstream."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._dispatch import select_backend
 from ..ops.attention import cross_attention
 
 
@@ -32,6 +34,14 @@ class CrossAttentionPooler(nn.Module):
         self.ln_k = nn.LayerNorm(kdim)
         self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=kdim, vdim=kdim, batch_first=True)
 
+    def _fused(self, query) -> bool:
+        """Whether the whole forward runs as one autograd node on the Triton kernels (eager calls on the Triton
+        backend; under torch.compile the composition below, whose attention is one custom op, fuses better)."""
+        from ..ops.attention.pooler import fused_pooler_supported
+
+        return (not torch.compiler.is_compiling() and self.attn.in_proj_bias is not None
+                and select_backend(query, supported=fused_pooler_supported(query, self.n_heads)) == "triton")
+
     def _projections(self):
         attn = self.attn
         d = attn.embed_dim
@@ -44,6 +54,11 @@ class CrossAttentionPooler(nn.Module):
 
     def forward(self, query, context, key_padding_mask=None, residual: bool = True, normalize: bool = True,
                 reference: bool = False):
+        if not reference and self._fused(query):
+            from ..ops.attention.pooler import fused_pooler
+
+            return fused_pooler(query, context, key_padding_mask, self.ln_q, self.ln_k, self.attn,
+                                residual=residual, normalize=normalize)
         q_in, kv_in = self.ln_q(query), self.ln_k(context)
         if reference:  # upstream's module: nn.MultiheadAttention's own forward over the same parameters
             out = self.attn(q_in, kv_in, kv_in, key_padding_mask=key_padding_mask, need_weights=False)[0]

@@ -46,7 +46,7 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
 
     # The Triton kernel holds a (sample, head) pair's queries in one tile; SDPA serves longer query sets.
     if select_backend(q, supported=q.shape[1] <= MAX_QUERIES and Dh <= MAX_HEAD_DIM) == "triton":
-        from .op import cross_attention_fwd
+        from .op import cross_attention_triton
 
-        return cross_attention_fwd(q, k, v, key_padding_mask, scale)[0]
+        return cross_attention_triton(q, k, v, key_padding_mask, scale)
     return torch_impl.cross_attention(q, k, v, key_padding_mask, scale)

@@ -1,9 +1,15 @@
 """Triton kernels of cross-attention for short query sets (Lq <= 64) over long key sets.
 
-One program owns one (sample, head) pair and all of its queries, so the backward needs neither atomics nor a
-second kernel: walking the key blocks once, it writes each block's dK and dV (no other program touches those
-keys) and accumulates dQ in registers. Keys masked as padding, and the tail of the last block, get -inf
-logits; a sample whose keys are all masked stores lse = +inf, so its output and every gradient are zero.
+One program owns ``PAIRS`` (sample, head) pairs and all of their queries: the tiles are 3-d ([pairs, rows,
+columns]) and every product a batched ``tl.dot``, so a program has enough work to keep the tensor cores busy
+even at Lq = 8 (a 16-row tile per pair would otherwise leave most of each program idle). Owning whole pairs
+makes the backward a single pass with neither atomics nor a second kernel: walking the key blocks once, it
+writes each block's dK and dV (no other program touches those keys) and accumulates dQ in registers. Keys
+masked as padding, and the tail of the last block, get -inf logits; a sample whose keys are all masked stores
+lse = +inf, so its output and every gradient are zero.
+
+Tensors are [B, L, H, Dh] with heads adjacent and Dh contiguous (stride D and 1); the sample and token strides
+are free, so K and V may be two views into one packed [B, L, 2, H, Dh] projection.
 """
 from __future__ import annotations
 
@@ -14,104 +20,126 @@ import triton.language as tl
 from ..._dispatch import triton_interpreted
 from ..triton_utils import dot_precision, mma, pow2_at_least_16
 
-MAX_QUERIES = 64  # one program holds all queries of a (sample, head) pair
+MAX_QUERIES = 64  # one program holds all queries of its pairs
 MAX_HEAD_DIM = 128
+ROWS_PER_PROGRAM = 64  # query rows (over all packed pairs) per program: PAIRS = ROWS_PER_PROGRAM // BLOCK_Q
+TILE_BYTES = {"fwd": 32768, "bwd": 16384}  # shared memory per K or V tile (per pipeline stage)
 
 
 @triton.jit
-def _logits(q, K, MASK, b, offs_k, offs_d, Lk, row_stride, D, scale, HAS_MASK: tl.constexpr,
-            PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Scaled logits [BLOCK_Q, BLOCK_K] of the queries against one block of keys, -inf where masked; and k."""
-    key_ok = offs_k < Lk
-    k = tl.load(K + offs_k[:, None].to(tl.int64) * row_stride + offs_d[None, :],
-                mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    s = scale * mma(q, tl.trans(k), tl.zeros((BLOCK_Q, BLOCK_K), tl.float32), PRECISION)
+def _pairs(pid, n_pairs, H, PAIRS: tl.constexpr):
+    """The program's (sample, head) pairs: index, sample, head and validity, each [PAIRS]."""
+    pair = pid * PAIRS + tl.arange(0, PAIRS)
+    valid = pair < n_pairs
+    pair = tl.where(valid, pair, 0)  # the tail program's spare slots read pair 0 and store nothing
+    return pair, (pair // H).to(tl.int64), pair % H, valid
+
+
+@triton.jit
+def _tile(b, h, offs_l, offs_d, L, D, sample_stride, token_stride, valid):
+    """Element offsets [PAIRS, len(offs_l), BLOCK_D] into a [B, L, H, D] tensor, and their bounds mask."""
+    offsets = ((b * sample_stride + h * D)[:, None, None] + offs_l[None, :, None].to(tl.int64) * token_stride
+               + offs_d[None, None, :])
+    ok = valid[:, None, None] & (offs_l < L)[None, :, None] & (offs_d < D)[None, None, :]
+    return offsets, ok
+
+
+@triton.jit
+def _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+            PAIRS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Scaled logits [PAIRS, BLOCK_Q, BLOCK_K] of the queries against one block of keys, -inf where masked."""
+    s = scale * mma(q, tl.permute(k, (0, 2, 1)), tl.zeros((PAIRS, BLOCK_Q, BLOCK_K), tl.float32), PRECISION)
+    key_ok = (offs_k < Lk)[None, :]
     if HAS_MASK:
-        key_ok = key_ok & (tl.load(MASK + b * Lk + offs_k, mask=key_ok, other=1) == 0)
-    return tl.where(key_ok[None, :], s, float("-inf")), k
+        key_ok = key_ok & (tl.load(MASK + b[:, None] * Lk + offs_k[None, :], mask=key_ok, other=1) == 0)
+    return tl.where(key_ok[:, None, :], s, float("-inf"))
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, MASK, O, LSE, Lq, Lk, H, D, scale,
-                HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+def _fwd_kernel(Q, K, V, MASK, O, LSE, n_pairs, Lq, Lk, H, D, q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, o_sb, o_sl,
+                scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    q_stride = H * D  # [B, L, H, D] contiguous: one token's row of all heads
-    Q += (b.to(tl.int64) * Lq * H + h) * D
-    K += (b.to(tl.int64) * Lk * H + h) * D
-    V += (b.to(tl.int64) * Lk * H + h) * D
+    pair, b, h, valid = _pairs(tl.program_id(0), n_pairs, H, PAIRS)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ok = (offs_q[:, None] < Lq) & (offs_d[None, :] < D)
-    q = tl.load(Q + offs_q[:, None] * q_stride + offs_d[None, :], mask=q_ok, other=0.0)
-    m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    q_offs, q_ok = _tile(b, h, offs_q, offs_d, Lq, D, q_sb, q_sl, valid)
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+    m_i = tl.full((PAIRS, BLOCK_Q), float("-inf"), tl.float32)
+    l_i = tl.zeros((PAIRS, BLOCK_Q), tl.float32)
+    acc = tl.zeros((PAIRS, BLOCK_Q, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        s, _ = _logits(q, K, MASK, b, offs_k, offs_d, Lk, q_stride, D, scale, HAS_MASK, PRECISION, BLOCK_Q, BLOCK_K)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        k_offs, kv_ok = _tile(b, h, offs_k, offs_d, Lk, D, k_sb, k_sl, valid)
+        v_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, v_sb, v_sl, valid)
+        k = tl.load(K + k_offs, mask=kv_ok, other=0.0)
+        v = tl.load(V + v_offs, mask=kv_ok, other=0.0)
+        s = _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
+        m_new = tl.maximum(m_i, tl.max(s, 2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp() away from -inf - -inf
-        p = tl.exp(s - m_safe[:, None])
+        p = tl.exp(s - m_safe[:, :, None])
         rescale = tl.exp(m_i - m_safe)
-        v = tl.load(V + offs_k[:, None].to(tl.int64) * q_stride + offs_d[None, :],
-                    mask=(offs_k[:, None] < Lk) & (offs_d[None, :] < D), other=0.0)
-        acc = mma(p.to(v.dtype), v, acc * rescale[:, None], PRECISION)
-        l_i = l_i * rescale + tl.sum(p, 1)
+        acc = mma(p.to(v.dtype), v, acc * rescale[:, :, None], PRECISION)
+        l_i = l_i * rescale + tl.sum(p, 2)
         m_i = m_new
     has_key = l_i > 0
-    out = tl.where(has_key[:, None], acc / tl.where(has_key, l_i, 1.0)[:, None], 0.0)
-    O += (b.to(tl.int64) * Lq * H + h) * D
-    tl.store(O + offs_q[:, None] * q_stride + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_ok)
+    out = tl.where(has_key[:, :, None], acc / tl.where(has_key, l_i, 1.0)[:, :, None], 0.0)
+    o_offs, _ = _tile(b, h, offs_q, offs_d, Lq, D, o_sb, o_sl, valid)
+    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok)
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(LSE + pid * Lq + offs_q, lse, mask=offs_q < Lq)
+    tl.store(LSE + pair[:, None] * Lq + offs_q[None, :], lse, mask=valid[:, None] & (offs_q < Lq)[None, :])
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, MASK, O, DO, LSE, DQ, DK, DV, Lq, Lk, H, D, scale,
-                HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+def _bwd_kernel(Q, K, V, MASK, O, DO, LSE, DQ, DK, DV, n_pairs, Lq, Lk, H, D,
+                q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, o_sb, o_sl, dk_sb, dk_sl, dv_sb, dv_sl, scale,
+                HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    stride = H * D
-    q_base = (b.to(tl.int64) * Lq * H + h) * D
-    k_base = (b.to(tl.int64) * Lk * H + h) * D
+    pair, b, h, valid = _pairs(tl.program_id(0), n_pairs, H, PAIRS)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ok = (offs_q[:, None] < Lq) & (offs_d[None, :] < D)
-    q_ptrs = offs_q[:, None] * stride + offs_d[None, :]
-    q = tl.load(Q + q_base + q_ptrs, mask=q_ok, other=0.0)
-    do = tl.load(DO + q_base + q_ptrs, mask=q_ok, other=0.0)
-    o = tl.load(O + q_base + q_ptrs, mask=q_ok, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O) = sum_j P_ij dP_ij
-    lse = tl.load(LSE + pid * Lq + offs_q, mask=offs_q < Lq, other=float("inf"))
-    dq = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    q_offs, q_ok = _tile(b, h, offs_q, offs_d, Lq, D, q_sb, q_sl, valid)
+    o_offs, _ = _tile(b, h, offs_q, offs_d, Lq, D, o_sb, o_sl, valid)  # O, dO and dQ share O's layout
+    q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
+    do = tl.load(DO + o_offs, mask=q_ok, other=0.0)
+    o = tl.load(O + o_offs, mask=q_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)  # rowsum(dO * O) = sum_j P_ij dP_ij
+    lse = tl.load(LSE + pair[:, None] * Lq + offs_q[None, :], mask=valid[:, None] & (offs_q < Lq)[None, :],
+                  other=float("inf"))
+    dq = tl.zeros((PAIRS, BLOCK_Q, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        kv_ok = (offs_k[:, None] < Lk) & (offs_d[None, :] < D)
-        kv_ptrs = offs_k[:, None].to(tl.int64) * stride + offs_d[None, :]
-        s, k = _logits(q, K + k_base, MASK, b, offs_k, offs_d, Lk, stride, D, scale, HAS_MASK, PRECISION,
-                       BLOCK_Q, BLOCK_K)
-        p = tl.exp(s - lse[:, None])  # 0 for masked keys and for samples without keys (lse = inf)
-        v = tl.load(V + k_base + kv_ptrs, mask=kv_ok, other=0.0)
-        dv = mma(tl.trans(p).to(do.dtype), do, tl.zeros((BLOCK_K, BLOCK_D), tl.float32), PRECISION)
-        tl.store(DV + k_base + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
-        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_Q, BLOCK_K), tl.float32), PRECISION)
-        ds = p * (dp - delta[:, None]) * scale
-        dk = mma(tl.trans(ds).to(q.dtype), q, tl.zeros((BLOCK_K, BLOCK_D), tl.float32), PRECISION)
-        tl.store(DK + k_base + kv_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+        k_offs, kv_ok = _tile(b, h, offs_k, offs_d, Lk, D, k_sb, k_sl, valid)
+        v_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, v_sb, v_sl, valid)
+        k = tl.load(K + k_offs, mask=kv_ok, other=0.0)
+        v = tl.load(V + v_offs, mask=kv_ok, other=0.0)
+        s = _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
+        p = tl.exp(s - lse[:, :, None])  # 0 for masked keys and for samples without keys (lse = inf)
+        dv = mma(tl.permute(p, (0, 2, 1)).to(do.dtype), do, tl.zeros((PAIRS, BLOCK_K, BLOCK_D), tl.float32),
+                 PRECISION)
+        dv_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, dv_sb, dv_sl, valid)
+        tl.store(DV + dv_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+        dp = mma(do, tl.permute(v, (0, 2, 1)), tl.zeros((PAIRS, BLOCK_Q, BLOCK_K), tl.float32), PRECISION)
+        ds = p * (dp - delta[:, :, None]) * scale
+        dk = mma(tl.permute(ds, (0, 2, 1)).to(q.dtype), q, tl.zeros((PAIRS, BLOCK_K, BLOCK_D), tl.float32),
+                 PRECISION)
+        dk_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, dk_sb, dk_sl, valid)
+        tl.store(DK + dk_offs, dk.to(DK.dtype.element_ty), mask=kv_ok)
         dq = mma(ds.to(k.dtype), k, dq, PRECISION)
-    tl.store(DQ + q_base + q_ptrs, dq.to(DQ.dtype.element_ty), mask=q_ok)
+    dq_offs, _ = _tile(b, h, offs_q, offs_d, Lq, D, o_sb, o_sl, valid)
+    tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
-def _blocks(Lq: int, D: int) -> dict:
-    block_d = pow2_at_least_16(D)
-    # the interpreter pays per step: few, large key blocks
-    block_k = 128 if triton_interpreted() or block_d <= 64 else 64
-    return dict(BLOCK_Q=pow2_at_least_16(Lq), BLOCK_K=block_k, BLOCK_D=block_d)
+def _config(kind: str, Lq: int, D: int, n_pairs: int, element_size: int) -> dict:
+    """Block sizes: pairs packed to ROWS_PER_PROGRAM query rows, key blocks sized to the shared-memory budget."""
+    block_q, block_d = pow2_at_least_16(Lq), pow2_at_least_16(D)
+    pairs = min(max(1, ROWS_PER_PROGRAM // block_q), triton.next_power_of_2(n_pairs))
+    if triton_interpreted():
+        block_k = 128  # the interpreter pays per step: few, large key blocks
+    else:
+        block_k = 64
+        while block_k > 16 and pairs * block_k * block_d * element_size > TILE_BYTES[kind]:
+            block_k //= 2
+    return dict(PAIRS=pairs, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d)
 
 
 def _mask_arg(key_padding_mask, like):
@@ -119,26 +147,46 @@ def _mask_arg(key_padding_mask, like):
     return like if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
 
 
+def _heads_packed(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its heads are adjacent with Dh contiguous (any sample and token strides), else a copy."""
+    H, D = x.shape[2], x.shape[3]
+    return x if x.stride(3) == 1 and (x.stride(2) == D or H == 1) else x.contiguous()
+
+
+def _strides(x):
+    return x.stride(0), x.stride(1)
+
+
 def cross_attention_fwd(q, k, v, key_padding_mask, scale):
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """(out [B, Lq, H, Dh] contiguous, lse [B * H, Lq] fp32) of q [B, Lq, H, Dh] over k, v [B, Lk, H, Dh]."""
+    q, k, v = _heads_packed(q), _heads_packed(k), _heads_packed(v)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    blocks = _blocks(Lq, D)
-    out = torch.empty_like(q)
+    config = _config("fwd", Lq, D, B * H, q.element_size())
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H, Lq, dtype=torch.float32, device=q.device)
-    _fwd_kernel[(B * H,)](q, k, v, _mask_arg(key_padding_mask, q), out, lse, Lq, Lk, H, D, float(scale),
-                          HAS_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **blocks,
-                          num_warps=4, num_stages=2)
+    grid = (triton.cdiv(B * H, config["PAIRS"]),)
+    _fwd_kernel[grid](q, k, v, _mask_arg(key_padding_mask, q), out, lse, B * H, Lq, Lk, H, D,
+                      *_strides(q), *_strides(k), *_strides(v), *_strides(out), float(scale),
+                      HAS_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **config,
+                      num_warps=4, num_stages=2)
     return out, lse
 
 
-def cross_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse, scale):
-    q, k, v, out, grad_out = (x.contiguous() for x in (q, k, v, out, grad_out))
+def cross_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse, scale, grad_k=None, grad_v=None):
+    """(dq, dk, dv). ``out`` is the forward's (contiguous); dk and dv are written into ``grad_k``/``grad_v``
+    when given (views with heads packed, e.g. into one [B, Lk, 2, H, Dh] buffer)."""
+    q, k, v = _heads_packed(q), _heads_packed(k), _heads_packed(v)
+    grad_out = grad_out.contiguous()
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    blocks = _blocks(Lq, D)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _bwd_kernel[(B * H,)](q, k, v, _mask_arg(key_padding_mask, q), out, grad_out, lse, dq, dk, dv, Lq, Lk, H, D,
-                          float(scale), HAS_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype),
-                          **blocks, num_warps=4, num_stages=2)
+    config = _config("bwd", Lq, D, B * H, q.element_size())
+    dq = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Lk, H, D, dtype=k.dtype, device=k.device) if grad_k is None else grad_k
+    dv = torch.empty(B, Lk, H, D, dtype=v.dtype, device=v.device) if grad_v is None else grad_v
+    grid = (triton.cdiv(B * H, config["PAIRS"]),)
+    _bwd_kernel[grid](q, k, v, _mask_arg(key_padding_mask, q), out, grad_out, lse, dq, dk, dv, B * H, Lq, Lk, H, D,
+                      *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dk), *_strides(dv),
+                      float(scale), HAS_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype),
+                      **config, num_warps=4, num_stages=2)
     return dq, dk, dv
