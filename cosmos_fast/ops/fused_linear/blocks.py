@@ -20,12 +20,16 @@ def row_blocks(n: int, V: int):
         yield start, min(n, start + step)
 
 
-def active_rows(target: torch.Tensor, ignore_index: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+def active_rows(target: torch.Tensor, ignore_index: int, V: int,
+                check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(indexes [n] of the rows whose target is not ``ignore_index``, their targets [n]).
 
-    Raises ValueError when an active target lies outside [0, V)."""
+    With ``check``, raises ValueError when an active target lies outside [0, V) (a host synchronisation: the
+    backward, whose forward checked, skips it)."""
     rows = torch.nonzero(target != ignore_index).squeeze(1)
     targets = target.index_select(0, rows)
+    if not check:
+        return rows, targets
     out_of_range = (targets < 0) | (targets >= V)
     if bool(out_of_range.any()):
         bad = targets[out_of_range][0].item()
@@ -42,6 +46,18 @@ def soft_row_index(soft_logits: torch.Tensor, rows: torch.Tensor, N: int) -> tor
         return torch.arange(rows.numel(), device=rows.device)
     raise ValueError(f"soft_logits must have N = {N} rows (one per hidden row) or {rows.numel()} (one per row whose "
                      f"target is not ignore_index), got {soft_logits.shape[0]}")
+
+
+def soft_log_sum_exp(soft_logits: torch.Tensor, soft_rows: torch.Tensor) -> torch.Tensor:
+    """fp32 (fp64 for fp64 logits) log-sum-exp [n] of the soft-logit rows ``soft_rows``, in bounded row blocks.
+
+    A memory-bound pass of its own, so that the kernels that multiply need only the finished value."""
+    dtype = torch.float64 if soft_logits.dtype == torch.float64 else torch.float32
+    n, V = soft_rows.numel(), soft_logits.shape[1]
+    out = torch.empty(n, dtype=dtype, device=soft_logits.device)
+    for start, stop in row_blocks(n, V):
+        out[start:stop] = torch.logsumexp(soft_logits.index_select(0, soft_rows[start:stop]).to(dtype), dim=-1)
+    return out
 
 
 def linear_backward(hidden, weight, need_hidden, need_weight, need_bias, grad_block):

@@ -43,9 +43,9 @@ def _bias_or_empty(bias: Optional[Tensor], hidden: Tensor) -> Tensor:
     return hidden.new_empty(0) if bias is None else bias
 
 
-def _active_problem(hidden, target, soft_logits, alpha, ignore_index, V):
+def _active_problem(hidden, target, soft_logits, alpha, ignore_index, V, check=True):
     """(rows [n], their targets [n], their hidden rows [n, H], soft logits or None, soft row per active row)."""
-    rows, targets = active_rows(target, ignore_index, V)
+    rows, targets = active_rows(target, ignore_index, V, check)
     hidden_active = hidden if rows.numel() == hidden.shape[0] else hidden.index_select(0, rows)
     if soft_logits is None or alpha == 0.0:
         return rows, targets, hidden_active, None, None
@@ -91,7 +91,8 @@ def fused_linear_ce_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
     """(d_hidden, d_weight, d_bias); a gradient not asked for (or of a missing bias) comes back empty."""
     N, V = hidden.shape[0], weight.shape[0]
     need_bias = need_bias and bias is not None
-    rows, targets, hidden_a, soft, soft_rows = _active_problem(hidden, target, soft_logits, alpha, ignore_index, V)
+    rows, targets, hidden_a, soft, soft_rows = _active_problem(hidden, target, soft_logits, alpha, ignore_index, V,
+                                                               check=False)
     if rows.numel() == 0:  # nothing contributes: zero gradients
         return (_grad_or_empty(hidden, need_hidden, torch.zeros_like(hidden)),
                 _grad_or_empty(weight, need_weight, torch.zeros_like(weight)),

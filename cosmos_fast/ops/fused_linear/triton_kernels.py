@@ -2,9 +2,9 @@
 
 Forward: logits z = X W^T (+ b) exist only tile by tile in SRAM. Program (row block, vocabulary split) walks
 the vocabulary blocks of its split and keeps per row an online log-sum-exp (CE; with soft targets also the
-teacher's log-sum-exp and the teacher-weighted logit sum) or the running BCE sum. Splitting the vocabulary
-over programs fills the GPU when the active rows are few (1920 masked tokens are 15 row blocks); the
-per-split statistics [stat, split, n] are combined in PyTorch.
+teacher-weighted logit sum, from the teacher's log-sum-exp found by a memory-bound pass before) or the
+running BCE sum. Splitting the vocabulary over programs fills the GPU when the active rows are few (1920
+masked tokens are 15 row blocks); the per-split statistics [stat, split, n] are combined in PyTorch.
 
 Backward: for each bounded block of rows (:mod:`.blocks`), one kernel recomputes the logits tile by tile and
 writes dL/dlogits for the block in the input dtype; cuBLAS turns the block into dX and accumulates dW (fp32),
@@ -22,7 +22,7 @@ from ..._dispatch import triton_interpreted
 from ..triton_utils import dot_precision as _precision
 from ..triton_utils import mma as _mma
 from ..triton_utils import pow2_at_least_16 as _pow2_at_least_16
-from .blocks import linear_backward
+from .blocks import linear_backward, soft_log_sum_exp
 
 
 @triton.jit
@@ -48,12 +48,13 @@ def _logits_tile(X, W, BIAS, offs_m, offs_v, n, V, H, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _ce_fwd_kernel(X, W, BIAS, TGT, SOFT, SOFT_ROWS, STATS, n, V, H, cols_per_split,
+def _ce_fwd_kernel(X, W, BIAS, TGT, SOFT, SOFT_ROWS, SOFT_LSE, STATS, n, V, H, cols_per_split,
                    HAS_BIAS: tl.constexpr, HAS_SOFT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Statistics of one row block over one vocabulary split, at STATS[k, split, row]: k = 0 running max,
-    1 sum of exp, 2 the target's logit (0 outside its split); with soft targets 3 the teacher's max, 4 its sum
-    of exp and 5 the teacher-weighted logit sum. Every split holds at least one column (see _splits)."""
+    1 sum of exp, 2 the target's logit (0 outside its split); with soft targets 3 the teacher-weighted logit
+    sum sum_j softmax(t)_j z_j, from the teacher's log-sum-exp computed before (SOFT_LSE). Every split holds at
+    least one column (see _splits)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -61,13 +62,13 @@ def _ce_fwd_kernel(X, W, BIAS, TGT, SOFT, SOFT_ROWS, STATS, n, V, H, cols_per_sp
     row_ok = offs_m < n
     tgt = tl.load(TGT + offs_m, mask=row_ok, other=-1)
     soft_rows = tl.zeros((BLOCK_M,), tl.int64)
+    soft_lse = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_SOFT:
         soft_rows = tl.load(SOFT_ROWS + offs_m, mask=row_ok, other=0).to(tl.int64)
+        soft_lse = tl.load(SOFT_LSE + offs_m, mask=row_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     z_target = tl.zeros((BLOCK_M,), tl.float32)
-    tm_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    tl_i = tl.zeros((BLOCK_M,), tl.float32)
     w_i = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, cols_per_split, BLOCK_V):
         offs_v = split * cols_per_split + start + tl.arange(0, BLOCK_V)
@@ -80,23 +81,15 @@ def _ce_fwd_kernel(X, W, BIAS, TGT, SOFT, SOFT_ROWS, STATS, n, V, H, cols_per_sp
         m_i = m_new
         if HAS_SOFT:
             t = tl.load(SOFT + soft_rows[:, None] * V + offs_v[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                        other=0.0).to(tl.float32)
-            t = tl.where(col_ok[None, :], t, float("-inf"))
-            tm_new = tl.maximum(tm_i, tl.max(t, 1))
-            rescale = tl.exp(tm_i - tm_new)
-            p = tl.exp(t - tm_new[:, None])
-            tl_i = tl_i * rescale + tl.sum(p, 1)
-            w_i = w_i * rescale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), 1)
-            tm_i = tm_new
+                        other=float("-inf")).to(tl.float32)
+            w_i += tl.sum(tl.exp(t - soft_lse[:, None]) * tl.where(col_ok[None, :], z, 0.0), 1)
     stat = STATS + split * n + offs_m
     plane = n_splits * n
     tl.store(stat, m_i, mask=row_ok)
     tl.store(stat + plane, l_i, mask=row_ok)
     tl.store(stat + 2 * plane, z_target, mask=row_ok)
     if HAS_SOFT:
-        tl.store(stat + 3 * plane, tm_i, mask=row_ok)
-        tl.store(stat + 4 * plane, tl_i, mask=row_ok)
-        tl.store(stat + 5 * plane, w_i, mask=row_ok)
+        tl.store(stat + 3 * plane, w_i, mask=row_ok)
 
 
 @triton.jit
@@ -225,18 +218,18 @@ def ce_fwd(hidden, weight, bias, target, soft_logits, soft_rows, alpha):
     row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     n_splits, cols_per_split = _splits(row_blocks, V, cfg["BLOCK_V"], hidden.device)
     has_soft = soft_logits is not None
-    stats = torch.empty(6 if has_soft else 3, n_splits, n, dtype=torch.float32, device=hidden.device)
+    soft_lse = soft_log_sum_exp(soft_logits, soft_rows) if has_soft else None
+    stats = torch.empty(4 if has_soft else 3, n_splits, n, dtype=torch.float32, device=hidden.device)
     _ce_fwd_kernel[(row_blocks, n_splits)](
         hidden, weight, _optional(bias, weight), target.contiguous(), _optional(soft_logits, hidden),
-        _optional(soft_rows, target), stats, n, V, H, cols_per_split,
+        _optional(soft_rows, target), _optional(soft_lse, hidden), stats, n, V, H, cols_per_split,
         HAS_BIAS=bias is not None, HAS_SOFT=has_soft, PRECISION=_precision(hidden.dtype), **_launch_args(cfg),
     )
     lse = torch.logsumexp(stats[0] + torch.log(stats[1]), dim=0)
     target_logit = stats[2].sum(0)
     if not has_soft:
         return lse - target_logit, lse, lse.new_empty(0)
-    soft_lse = torch.logsumexp(stats[3] + torch.log(stats[4]), dim=0)
-    soft_dot = (stats[5] * torch.exp(stats[3] - soft_lse)).sum(0)  # sum_j softmax(t)_j z_j
+    soft_dot = stats[3].sum(0)  # sum_j softmax(t)_j z_j
     return lse - (1 - alpha) * target_logit - alpha * soft_dot, lse, soft_lse
 
 
