@@ -217,11 +217,13 @@ def test_no_n_by_v_buffer(backend, monkeypatch):
     N, H, V = 256, 8, 256  # the [V, H] weight gradient stays below the block bound
     budget = N * V // 16
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", budget)
+    monkeypatch.setattr(blocks, "PASS_ELEMENTS", budget)
     h, w, b = (x.float().requires_grad_() for x in linear_leaves(N, H, V))
     target = ce_targets(N, V, ignored_every=0)
     multi_hot = torch.rand(N, V) < 0.05
+    soft = torch.randn(N, V)
     with _LargestAllocation() as mode:
-        loss = cosmos_fast.fused_linear_cross_entropy(h, w, target, bias=b)
+        loss = cosmos_fast.fused_linear_cross_entropy(h, w, target, bias=b, soft_logits=soft, alpha=0.5)
         loss = loss + cosmos_fast.fused_linear_bce(h, w, multi_hot, bias=b)
         loss.backward()
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()

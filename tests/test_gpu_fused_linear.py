@@ -83,8 +83,8 @@ def test_peak_memory_stays_far_below_the_logits():
     cosmos_fast.fused_linear_cross_entropy(hidden, weight, target, bias=bias).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    # gradients (bf16 dW, dX, db) + the fp32 dW accumulator + one 32 MiB dL/dlogits block
-    allowed = (hidden.numel() + weight.numel()) * 2 + weight.numel() * 4 + (1 << 24) * 2 + (64 << 20)
+    # gradients (bf16 dW, dX, db) + one dL/dlogits block (1920 x 30522 bf16 here) + 64 MiB of small buffers
+    allowed = (hidden.numel() + weight.numel()) * 2 + 1920 * V * 2 + (64 << 20)
     assert peak < allowed, f"peak {peak / 2**20:.1f} MiB over the inputs, allowed {allowed / 2**20:.1f} MiB"
     assert torch.isfinite(weight.grad.float()).all()
 

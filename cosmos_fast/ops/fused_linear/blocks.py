@@ -1,21 +1,27 @@
 """What both paths share: active-row selection, the bounded row blocks, and the backward's matrix products.
 
 Memory bound: no step holds more than ``BLOCK_ELEMENTS`` logits (or dL/dlogits) at once, i.e. a block of
-``BLOCK_ELEMENTS // V`` rows; beyond the inputs and the gradients, the backward adds that block and, when
+``BLOCK_ELEMENTS // V`` rows; beyond the inputs and the gradients, the backward adds that block and, only when
 there is more than one block, an fp32 accumulator for dL/dweight [V, H].
 """
 from __future__ import annotations
 
 import torch
 
-# Largest [rows, V] block of logits or of dL/dlogits one step holds: 16 Mi elements (32 MiB in bf16),
-# enough rows (549 at V = 30522) for the backward's matrix products to run at full rate.
-BLOCK_ELEMENTS = 1 << 24
+# Largest [rows, V] block of logits or of dL/dlogits one step holds: 64 Mi elements (128 MiB in bf16). SIMLA's
+# masked tokens (1920 rows x 30522) fit in one block, so the backward is two large products with no fp32
+# accumulator for dW; on an H100, 549-row blocks (16 Mi) ran those products at 160-230 TFLOP/s.
+BLOCK_ELEMENTS = 1 << 26
 
 
-def row_blocks(n: int, V: int):
-    """(start, stop) of consecutive row blocks of at most ``BLOCK_ELEMENTS // V`` rows (at least one)."""
-    step = max(1, BLOCK_ELEMENTS // max(V, 1))
+# Blocks of the memory-bound passes, whose speed does not grow with the block: 4 Mi elements.
+PASS_ELEMENTS = 1 << 22
+
+
+def row_blocks(n: int, V: int, elements: int | None = None):
+    """(start, stop) of consecutive row blocks of at most ``elements // V`` rows (at least one);
+    ``elements`` defaults to ``BLOCK_ELEMENTS``."""
+    step = max(1, (elements or BLOCK_ELEMENTS) // max(V, 1))
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
@@ -55,7 +61,7 @@ def soft_log_sum_exp(soft_logits: torch.Tensor, soft_rows: torch.Tensor) -> torc
     dtype = torch.float64 if soft_logits.dtype == torch.float64 else torch.float32
     n, V = soft_rows.numel(), soft_logits.shape[1]
     out = torch.empty(n, dtype=dtype, device=soft_logits.device)
-    for start, stop in row_blocks(n, V):
+    for start, stop in row_blocks(n, V, PASS_ELEMENTS):
         out[start:stop] = torch.logsumexp(soft_logits.index_select(0, soft_rows[start:stop]).to(dtype), dim=-1)
     return out
 
@@ -64,10 +70,16 @@ def linear_backward(hidden, weight, need_hidden, need_weight, need_bias, grad_bl
     """Gradients of ``logits = hidden @ weight^T + bias`` from bounded blocks of dL/dlogits.
 
     ``grad_block(start, stop)`` returns dL/dlogits [stop - start, V] of rows start..stop, in the dtype of
-    ``hidden`` and ``weight`` (the operands of the products). Returns (d_hidden [n, H], d_weight [V, H] and
-    d_bias [V] in fp32 (fp64 for fp64 operands), each None when not needed)."""
+    ``hidden`` and ``weight`` (the operands of the products). Returns (d_hidden [n, H], d_weight [V, H],
+    d_bias [V]), each None when not needed: d_weight in the operands' dtype from a single block (cuBLAS
+    accumulates in fp32 inside the product), else summed over the blocks in fp32 (fp64 for fp64 operands);
+    d_bias in fp32 (fp64)."""
     n, V = hidden.shape[0], weight.shape[0]
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if n <= max(1, BLOCK_ELEMENTS // max(V, 1)):  # one block: the products write the gradients directly
+        grad = grad_block(0, n)
+        return (grad @ weight if need_hidden else None, grad.t() @ hidden if need_weight else None,
+                grad.sum(0, dtype=acc_dtype) if need_bias else None)
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
     d_bias = torch.zeros(V, dtype=acc_dtype, device=weight.device) if need_bias else None
