@@ -36,12 +36,16 @@ def _pairs(pid, n_pairs, H, PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _tile(b, h, offs_l, offs_d, L, D, sample_stride, token_stride, valid):
-    """Element offsets [PAIRS, len(offs_l), BLOCK_D] into a [B, L, H, D] tensor, and their bounds mask."""
-    offsets = ((b * sample_stride + h * D)[:, None, None] + offs_l[None, :, None].to(tl.int64) * token_stride
-               + offs_d[None, None, :])
-    ok = valid[:, None, None] & (offs_l < L)[None, :, None] & (offs_d < D)[None, None, :]
-    return offsets, ok
+def _tile(b, h, offs_l, offs_d, D, sample_stride, token_stride):
+    """Element offsets [PAIRS, len(offs_l), BLOCK_D] into a [B, L, H, D] tensor."""
+    return ((b * sample_stride + h * D)[:, None, None] + offs_l[None, :, None].to(tl.int64) * token_stride
+            + offs_d[None, None, :])
+
+
+@triton.jit
+def _in_bounds(valid, offs_l, L, offs_d, D):
+    """The bounds mask of a tile: valid pairs, rows below L, columns below D."""
+    return valid[:, None, None] & (offs_l < L)[None, :, None] & (offs_d < D)[None, None, :]
 
 
 @triton.jit
@@ -62,15 +66,17 @@ def _fwd_kernel(Q, K, V, MASK, O, LSE, n_pairs, Lq, Lk, H, D, q_sb, q_sl, k_sb, 
     pair, b, h, valid = _pairs(tl.program_id(0), n_pairs, H, PAIRS)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
-    q_offs, q_ok = _tile(b, h, offs_q, offs_d, Lq, D, q_sb, q_sl, valid)
+    q_offs = _tile(b, h, offs_q, offs_d, D, q_sb, q_sl)
+    q_ok = _in_bounds(valid, offs_q, Lq, offs_d, D)
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     m_i = tl.full((PAIRS, BLOCK_Q), float("-inf"), tl.float32)
     l_i = tl.zeros((PAIRS, BLOCK_Q), tl.float32)
     acc = tl.zeros((PAIRS, BLOCK_Q, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_offs, kv_ok = _tile(b, h, offs_k, offs_d, Lk, D, k_sb, k_sl, valid)
-        v_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, v_sb, v_sl, valid)
+        k_offs = _tile(b, h, offs_k, offs_d, D, k_sb, k_sl)
+        kv_ok = _in_bounds(valid, offs_k, Lk, offs_d, D)
+        v_offs = _tile(b, h, offs_k, offs_d, D, v_sb, v_sl)
         k = tl.load(K + k_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + v_offs, mask=kv_ok, other=0.0)
         s = _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
@@ -83,7 +89,7 @@ def _fwd_kernel(Q, K, V, MASK, O, LSE, n_pairs, Lq, Lk, H, D, q_sb, q_sl, k_sb, 
         m_i = m_new
     has_key = l_i > 0
     out = tl.where(has_key[:, :, None], acc / tl.where(has_key, l_i, 1.0)[:, :, None], 0.0)
-    o_offs, _ = _tile(b, h, offs_q, offs_d, Lq, D, o_sb, o_sl, valid)
+    o_offs = _tile(b, h, offs_q, offs_d, D, o_sb, o_sl)
     tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok)
     lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + pair[:, None] * Lq + offs_q[None, :], lse, mask=valid[:, None] & (offs_q < Lq)[None, :])
@@ -97,8 +103,9 @@ def _bwd_kernel(Q, K, V, MASK, O, DO, LSE, DQ, DK, DV, n_pairs, Lq, Lk, H, D,
     pair, b, h, valid = _pairs(tl.program_id(0), n_pairs, H, PAIRS)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
-    q_offs, q_ok = _tile(b, h, offs_q, offs_d, Lq, D, q_sb, q_sl, valid)
-    o_offs, _ = _tile(b, h, offs_q, offs_d, Lq, D, o_sb, o_sl, valid)  # O, dO and dQ share O's layout
+    q_offs = _tile(b, h, offs_q, offs_d, D, q_sb, q_sl)
+    q_ok = _in_bounds(valid, offs_q, Lq, offs_d, D)
+    o_offs = _tile(b, h, offs_q, offs_d, D, o_sb, o_sl)  # O, dO and dQ share O's layout
     q = tl.load(Q + q_offs, mask=q_ok, other=0.0)
     do = tl.load(DO + o_offs, mask=q_ok, other=0.0)
     o = tl.load(O + o_offs, mask=q_ok, other=0.0)
@@ -108,29 +115,30 @@ def _bwd_kernel(Q, K, V, MASK, O, DO, LSE, DQ, DK, DV, n_pairs, Lq, Lk, H, D,
     dq = tl.zeros((PAIRS, BLOCK_Q, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_offs, kv_ok = _tile(b, h, offs_k, offs_d, Lk, D, k_sb, k_sl, valid)
-        v_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, v_sb, v_sl, valid)
+        k_offs = _tile(b, h, offs_k, offs_d, D, k_sb, k_sl)
+        kv_ok = _in_bounds(valid, offs_k, Lk, offs_d, D)
+        v_offs = _tile(b, h, offs_k, offs_d, D, v_sb, v_sl)
         k = tl.load(K + k_offs, mask=kv_ok, other=0.0)
         v = tl.load(V + v_offs, mask=kv_ok, other=0.0)
         s = _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
         p = tl.exp(s - lse[:, :, None])  # 0 for masked keys and for samples without keys (lse = inf)
         dv = mma(tl.permute(p, (0, 2, 1)).to(do.dtype), do, tl.zeros((PAIRS, BLOCK_K, BLOCK_D), tl.float32),
                  PRECISION)
-        dv_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, dv_sb, dv_sl, valid)
+        dv_offs = _tile(b, h, offs_k, offs_d, D, dv_sb, dv_sl)
         tl.store(DV + dv_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
         dp = mma(do, tl.permute(v, (0, 2, 1)), tl.zeros((PAIRS, BLOCK_Q, BLOCK_K), tl.float32), PRECISION)
         ds = p * (dp - delta[:, :, None]) * scale
         dk = mma(tl.permute(ds, (0, 2, 1)).to(q.dtype), q, tl.zeros((PAIRS, BLOCK_K, BLOCK_D), tl.float32),
                  PRECISION)
-        dk_offs, _ = _tile(b, h, offs_k, offs_d, Lk, D, dk_sb, dk_sl, valid)
+        dk_offs = _tile(b, h, offs_k, offs_d, D, dk_sb, dk_sl)
         tl.store(DK + dk_offs, dk.to(DK.dtype.element_ty), mask=kv_ok)
         dq = mma(ds.to(k.dtype), k, dq, PRECISION)
-    dq_offs, _ = _tile(b, h, offs_q, offs_d, Lq, D, o_sb, o_sl, valid)
+    dq_offs = _tile(b, h, offs_q, offs_d, D, o_sb, o_sl)
     tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
-def _config(kind: str, Lq: int, D: int, n_pairs: int, element_size: int) -> dict:
-    """Block sizes: pairs packed to ROWS_PER_PROGRAM query rows, key blocks sized to the shared-memory budget."""
+def _first_config(kind: str, Lq: int, D: int, n_pairs: int, element_size: int) -> dict:
+    """Pairs packed to ROWS_PER_PROGRAM query rows, key blocks sized to the shared-memory budget."""
     block_q, block_d = pow2_at_least_16(Lq), pow2_at_least_16(D)
     pairs = min(max(1, ROWS_PER_PROGRAM // block_q), triton.next_power_of_2(n_pairs))
     if triton_interpreted():
@@ -139,7 +147,40 @@ def _config(kind: str, Lq: int, D: int, n_pairs: int, element_size: int) -> dict
         block_k = 64
         while block_k > 16 and pairs * block_k * block_d * element_size > TILE_BYTES[kind]:
             block_k //= 2
-    return dict(PAIRS=pairs, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d)
+    return dict(PAIRS=pairs, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4, num_stages=2)
+
+
+def _smaller(config: dict) -> dict | None:
+    """The next config to try when one needs more shared memory than the GPU has (fp32's three-pass TF32
+    products need several times bf16's): smaller key blocks, then fewer pairs, then no pipelining."""
+    if config["BLOCK_K"] > 16:
+        return dict(config, BLOCK_K=config["BLOCK_K"] // 2)
+    if config["PAIRS"] > 1:
+        return dict(config, PAIRS=config["PAIRS"] // 2)
+    if config["num_stages"] > 1:
+        return dict(config, num_stages=1)
+    return None
+
+
+_CONFIGS: dict[tuple, dict] = {}  # the config that fits, per (kernel, dtype, Lq, D, mask, device, first pairs)
+
+
+def _launch(kernel, kind: str, x: torch.Tensor, n_pairs: int, args: tuple, has_mask: bool) -> None:
+    Lq, D = x.shape[1], x.shape[3]
+    first = _first_config(kind, Lq, D, n_pairs, x.element_size())
+    key = (kind, x.dtype, Lq, D, has_mask, x.device, first["PAIRS"])
+    config = _CONFIGS.get(key, first)
+    while True:
+        try:
+            kernel[(triton.cdiv(n_pairs, config["PAIRS"]),)](*args, HAS_MASK=has_mask,
+                                                               PRECISION=dot_precision(x.dtype), **config)
+        except triton.runtime.errors.OutOfResources:
+            config = _smaller(config)
+            if config is None:
+                raise
+            continue
+        _CONFIGS[key] = config
+        return
 
 
 def _mask_arg(key_padding_mask, like):
@@ -162,14 +203,11 @@ def cross_attention_fwd(q, k, v, key_padding_mask, scale):
     q, k, v = _heads_packed(q), _heads_packed(k), _heads_packed(v)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    config = _config("fwd", Lq, D, B * H, q.element_size())
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H, Lq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(B * H, config["PAIRS"]),)
-    _fwd_kernel[grid](q, k, v, _mask_arg(key_padding_mask, q), out, lse, B * H, Lq, Lk, H, D,
-                      *_strides(q), *_strides(k), *_strides(v), *_strides(out), float(scale),
-                      HAS_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype), **config,
-                      num_warps=4, num_stages=2)
+    _launch(_fwd_kernel, "fwd", q, B * H, (q, k, v, _mask_arg(key_padding_mask, q), out, lse, B * H, Lq, Lk, H, D,
+                                           *_strides(q), *_strides(k), *_strides(v), *_strides(out), float(scale)),
+            key_padding_mask is not None)
     return out, lse
 
 
@@ -180,13 +218,11 @@ def cross_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse, scale, gr
     grad_out = grad_out.contiguous()
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
-    config = _config("bwd", Lq, D, B * H, q.element_size())
     dq = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, Lk, H, D, dtype=k.dtype, device=k.device) if grad_k is None else grad_k
     dv = torch.empty(B, Lk, H, D, dtype=v.dtype, device=v.device) if grad_v is None else grad_v
-    grid = (triton.cdiv(B * H, config["PAIRS"]),)
-    _bwd_kernel[grid](q, k, v, _mask_arg(key_padding_mask, q), out, grad_out, lse, dq, dk, dv, B * H, Lq, Lk, H, D,
-                      *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dk), *_strides(dv),
-                      float(scale), HAS_MASK=key_padding_mask is not None, PRECISION=dot_precision(q.dtype),
-                      **config, num_warps=4, num_stages=2)
+    _launch(_bwd_kernel, "bwd", q, B * H,
+            (q, k, v, _mask_arg(key_padding_mask, q), out, grad_out, lse, dq, dk, dv, B * H, Lq, Lk, H, D,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dk), *_strides(dv), float(scale)),
+            key_padding_mask is not None)
     return dq, dk, dv

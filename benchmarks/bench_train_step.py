@@ -1,0 +1,133 @@
+"""The whole COSMOS training step on one GPU: reference (upstream-style) vs fused kernels vs fused + compile.
+
+ViT-B/16 student and EMA teacher (``cosmos_fast.models`` config ``vit-b16``), 2 global 224 px + 6 local 96 px
+crops and 8 captions of 77 tokens per sample, random data; one step = student forward, teacher forward on the
+global crops and captions, the COSMOS loss, backward, fused AdamW, temperature clamp, EMA update, all under
+bf16 autocast, exactly as ``train/train.py`` runs them (its ``losses`` and ``update_teacher``):
+- ``reference``: ``run.kernels=reference``: per-pair full logit matrices and F.cross_entropy, nn.MultiheadAttention
+  poolers, a per-tensor EMA loop (upstream COSMOS's way);
+- ``fused``: cosmos_fast's blockwise losses, fused poolers and one-pass EMA;
+- ``fused+compile``: the same with the two towers under ``torch.compile``.
+For 64/128/256 samples per GPU: samples/s, median ms of each stage (forward incl. teacher and loss, backward,
+optimizer, EMA; CUDA events) and peak GiB. Results: ``benchmarks/results/train_step`` (JSON, PNG).
+
+Usage: python benchmarks/bench_train_step.py [--quick] [--steps N]
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from common import GIB, bar_plot, bench_args, print_table, require_cuda, save_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+import config as config_lib  # noqa: E402
+import train as trainer  # noqa: E402
+
+import cosmos_fast  # noqa: E402
+from cosmos_fast.models import CosmosModel  # noqa: E402
+from cosmos_fast.models import config as model_config  # noqa: E402
+
+NAME = "train_step"
+BATCHES = (64, 128, 256)
+VARIANTS = ("reference", "fused", "fused+compile")
+STAGES = ("forward", "backward", "optimizer", "ema")
+GOAL_SAMPLES_PER_S = 800  # at 128 per GPU (kernels.md); 256 per GPU within 75 GiB
+EAGER_UPSTREAM = "eager reference-style code: 372 samples/s at 128 per GPU, 47 GiB (kernels.md)"
+
+
+def random_batch(B: int, cfg, vocab: int):
+    """Fresh crops and captions: token ids with a start token, a random length and an end-of-text token."""
+    size, local_size, length = cfg.data.image_size, cfg.data.local_size, cfg.data.context_length
+    global_crops = torch.randn(2, B, 3, size, size, device="cuda")
+    local_crops = torch.randn(6, B, 3, local_size, local_size, device="cuda")
+    captions = torch.zeros(8, B, length, dtype=torch.long, device="cuda")
+    lengths = torch.randint(5, length - 1, (8, B), device="cuda")
+    words = torch.randint(1, vocab - 2, (8, B, length), device="cuda")
+    positions = torch.arange(length, device="cuda")
+    captions = torch.where(positions < lengths[..., None], words, captions)
+    captions[..., 0] = vocab - 2  # start of text
+    captions.scatter_(2, lengths[..., None], vocab - 1)  # end of text: the caption's embedding is read here
+    return global_crops, local_crops, captions
+
+
+def run_variant(variant: str, B: int, steps: int) -> dict:
+    cfg = config_lib.load(None, ["model.name=vit-b16", "data.image_size=224", "data.local_size=96",
+                                 "data.context_length=77", f"data.batch_size={B}",
+                                 f"run.kernels={'reference' if variant == 'reference' else 'fused'}"])
+    torch.manual_seed(0)
+    model = CosmosModel(model_config("vit-b16", image_size=224, context_length=77)).cuda()
+    teacher = cosmos_fast.EMATeacher(model, momentum=0.999)
+    if variant == "fused+compile":  # the towers' own modules, as CosmosModel calls them
+        model.visual.forward_features = torch.compile(model.visual.forward_features)
+        model.text.transformer = torch.compile(model.text.transformer)
+    loss_fn = cosmos_fast.nn.CosmosLoss()
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, 0.5), lr=1e-4, betas=(0.9, 0.98), fused=True)
+    vocab = model.text.token_embedding.num_embeddings
+    batches = [random_batch(B, cfg, vocab) for _ in range(2)]
+    events = {stage: [] for stage in STAGES}
+    totals = []
+    torch.cuda.reset_peak_memory_stats()
+    warmup = 3
+    for step in range(warmup + steps):
+        global_crops, local_crops, captions = batches[step % len(batches)]
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 1)]
+        marks[0].record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = trainer.losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, step, cfg)
+        marks[1].record()
+        loss.backward()
+        marks[2].record()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scales_()
+        marks[3].record()
+        trainer.update_teacher(teacher, model, step, cfg)
+        marks[4].record()
+        if step >= warmup:
+            for i, stage in enumerate(STAGES):
+                events[stage].append((marks[i], marks[i + 1]))
+            totals.append((marks[0], marks[-1]))
+    torch.cuda.synchronize()
+    stage_ms = {stage: statistics.median(s.elapsed_time(e) for s, e in pairs) for stage, pairs in events.items()}
+    step_ms = statistics.median(s.elapsed_time(e) for s, e in totals)
+    return {"step_ms": step_ms, "samples_per_s": B / step_ms * 1000, **{f"{s}_ms": v for s, v in stage_ms.items()},
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB, "loss": loss.item(), "status": "ok"}
+
+
+def main() -> int:
+    parser = bench_args(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
+    args = parser.parse_args()
+    require_cuda("bench_train_step")
+    rows = []
+    for B in (128,) if args.quick else BATCHES:
+        for variant in VARIANTS:
+            try:
+                result = run_variant(variant, B, 3 if args.quick else args.steps)
+            except torch.OutOfMemoryError:
+                result = {"status": "oom"}
+            torch.cuda.empty_cache()
+            goal = f">= {GOAL_SAMPLES_PER_S}/s" if B == 128 and variant != "reference" else (
+                "<= 75 GiB" if B == 256 and variant != "reference" else None)
+            met = None
+            if goal and result["status"] == "ok":
+                met = "yes" if (result["samples_per_s"] >= GOAL_SAMPLES_PER_S if B == 128
+                                else result["peak_gib"] <= 75) else "no"
+            rows.append({"case": f"vit-b16 B={B}", "impl": variant, "N": B, **result, "goal": goal, "met": met})
+            print(rows[-1], flush=True)
+            save_results(NAME, rows, {"notes": [EAGER_UPSTREAM]})
+    bar_plot(NAME, [r for r in rows if r["status"] == "ok"], label=("case", "impl"), values=("samples_per_s",),
+             title=f"COSMOS ViT-B/16 training step, {torch.cuda.get_device_name()}")
+    print()
+    print_table(rows, ["case", "impl", ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("forward_ms", "fwd"),
+                       ("backward_ms", "bwd"), ("optimizer_ms", "optim"), ("ema_ms", "EMA"), ("peak_gib", "GiB"),
+                       "goal", "met", "status"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
