@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..._validation import check_float_tensor, check_same_device, check_same_dtype, check_unit_interval
-from .op import fused_linear_bce_fwd, fused_linear_ce_fwd
+from .op import fused_linear_bce_rows, fused_linear_ce_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -80,7 +80,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, soft_logits
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     soft_logits, alpha = _check_soft(soft_logits, alpha, hidden, weight, "N or active rows")
-    row_loss, _, _ = fused_linear_ce_fwd(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
+    row_loss = fused_linear_ce_rows(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
     if reduction == "none":
         return row_loss
     if reduction == "sum":
@@ -119,4 +119,4 @@ def fused_linear_bce(hidden, weight, target, *, bias=None, soft_logits=None, alp
     soft_logits, alpha = _check_soft(soft_logits, alpha, hidden, weight, N)
     if soft_logits is not None and soft_logits.shape[0] != N:
         raise ValueError(f"soft_logits must have shape [{N}, {V}] (like target), got {tuple(soft_logits.shape)}")
-    return fused_linear_bce_fwd(hidden, weight, bias, target.detach(), soft_logits, alpha).mean()
+    return fused_linear_bce_rows(hidden, weight, bias, target.detach(), soft_logits, alpha).mean()

@@ -1,10 +1,13 @@
-"""The fused linear losses as ``torch.library`` custom ops with autograd.
+"""The fused linear losses with autograd: ``torch.library`` custom ops for traced calls, and plain
+``autograd.Function``s over the same implementations for eager calls.
 
 ``cosmos_fast::fused_linear_ce_fwd`` returns per-row losses [N] (0 at ignored rows) and the row statistics the
-backward needs; ``cosmos_fast::fused_linear_bce_fwd`` per-row losses [N]. Being custom ops, they keep
-``torch.compile`` from breaking the graph (the data-dependent selection of the active rows happens inside), and
-``torch.library.opcheck`` tests the registrations. The implementation behind them is picked per call by
-:func:`cosmos_fast._dispatch.select_backend`; both work on the active rows only.
+backward needs; ``cosmos_fast::fused_linear_bce_fwd`` per-row losses [N]. Under ``torch.compile`` the custom
+ops keep the graph whole (the data-dependent selection of the active rows happens inside), and
+``torch.library.opcheck`` tests their registrations. Eager calls skip the custom-op dispatcher, whose autograd
+wrapper cost ~250 us of CPU per forward call on an H100 host (torch 2.11), more than the kernels of the
+smaller heads. The implementation behind both is picked per call by
+:func:`cosmos_fast._dispatch.select_backend`; both paths work on the active rows only.
 """
 from __future__ import annotations
 
@@ -60,9 +63,7 @@ def _scatter_rows(values: Tensor, rows: Tensor, N: int) -> Tensor:
     return out.index_copy_(0, rows, values)
 
 
-@torch.library.custom_op("cosmos_fast::fused_linear_ce_fwd", mutates_args=())
-def fused_linear_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                        soft_logits: Optional[Tensor], alpha: float, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index):
     """(row loss [N], row log-sum-exp [N], soft log-sum-exp [N] or [0] without soft targets), fp32 (fp64 for fp64
     inputs), zeros at rows whose target is ``ignore_index``."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -76,6 +77,12 @@ def fused_linear_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return _scatter_rows(loss.to(dtype), rows, N), _scatter_rows(lse.to(dtype), rows, N), soft_lse
 
 
+@torch.library.custom_op("cosmos_fast::fused_linear_ce_fwd", mutates_args=())
+def fused_linear_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                        soft_logits: Optional[Tensor], alpha: float, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
+
+
 @fused_linear_ce_fwd.register_fake
 def _(hidden, weight, bias, target, soft_logits, alpha, ignore_index):
     N = hidden.shape[0]
@@ -84,10 +91,8 @@ def _(hidden, weight, bias, target, soft_logits, alpha, ignore_index):
     return loss, torch.empty_like(loss), hidden.new_empty(N if has_soft else 0, dtype=loss.dtype)
 
 
-@torch.library.custom_op("cosmos_fast::fused_linear_ce_bwd", mutates_args=())
-def fused_linear_ce_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                        soft_logits: Optional[Tensor], alpha: float, ignore_index: int, lse: Tensor, soft_lse: Tensor,
-                        need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _ce_backward(grad, hidden, weight, bias, target, soft_logits, alpha, ignore_index, lse, soft_lse,
+                 need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias); a gradient not asked for (or of a missing bias) comes back empty."""
     N, V = hidden.shape[0], weight.shape[0]
     need_bias = need_bias and bias is not None
@@ -106,6 +111,14 @@ def fused_linear_ce_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Opti
             _grad_or_empty(weight, need_weight, d_w), _grad_or_empty(_bias_or_empty(bias, hidden), need_bias, d_b))
 
 
+@torch.library.custom_op("cosmos_fast::fused_linear_ce_bwd", mutates_args=())
+def fused_linear_ce_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                        soft_logits: Optional[Tensor], alpha: float, ignore_index: int, lse: Tensor, soft_lse: Tensor,
+                        need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _ce_backward(grad, hidden, weight, bias, target, soft_logits, alpha, ignore_index, lse, soft_lse,
+                        need_hidden, need_weight, need_bias)
+
+
 @fused_linear_ce_bwd.register_fake
 def _(grad, hidden, weight, bias, target, soft_logits, alpha, ignore_index, lse, soft_lse,
       need_hidden, need_weight, need_bias):
@@ -121,7 +134,7 @@ def _setup_ce_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, soft_lse)
 
 
-def _ce_backward(ctx, grad_loss, _grad_lse, _grad_soft_lse):
+def _ce_autograd_backward(ctx, grad_loss, _grad_lse, _grad_soft_lse):
     hidden, weight, bias, target, soft_logits, lse, soft_lse = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     d_hidden, d_weight, d_bias = fused_linear_ce_bwd(
@@ -132,19 +145,23 @@ def _ce_backward(ctx, grad_loss, _grad_lse, _grad_soft_lse):
             None, None, None, None)
 
 
-fused_linear_ce_fwd.register_autograd(_ce_backward, setup_context=_setup_ce_context)
+fused_linear_ce_fwd.register_autograd(_ce_autograd_backward, setup_context=_setup_ce_context)
 
 
 def _bce_soft(soft_logits, alpha):
     return None if soft_logits is None or alpha == 0.0 else soft_logits
 
 
-@torch.library.custom_op("cosmos_fast::fused_linear_bce_fwd", mutates_args=())
-def fused_linear_bce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         soft_logits: Optional[Tensor], alpha: float) -> Tensor:
+def _bce_forward(hidden, weight, bias, target, soft_logits, alpha):
     """Row loss [N] fp32 (fp64 for fp64 inputs): the BCE of each row summed over the vocabulary."""
     loss = _impl(hidden).bce_fwd(hidden, weight, bias, target, _bce_soft(soft_logits, alpha), alpha)
     return loss.to(_loss_dtype(hidden))
+
+
+@torch.library.custom_op("cosmos_fast::fused_linear_bce_fwd", mutates_args=())
+def fused_linear_bce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         soft_logits: Optional[Tensor], alpha: float) -> Tensor:
+    return _bce_forward(hidden, weight, bias, target, soft_logits, alpha)
 
 
 @fused_linear_bce_fwd.register_fake
@@ -152,16 +169,21 @@ def _(hidden, weight, bias, target, soft_logits, alpha):
     return hidden.new_empty(hidden.shape[0], dtype=_loss_dtype(hidden))
 
 
-@torch.library.custom_op("cosmos_fast::fused_linear_bce_bwd", mutates_args=())
-def fused_linear_bce_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         soft_logits: Optional[Tensor], alpha: float, need_hidden: bool, need_weight: bool,
-                         need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _bce_backward(grad, hidden, weight, bias, target, soft_logits, alpha, need_hidden, need_weight, need_bias):
     """(d_hidden, d_weight, d_bias); a gradient not asked for (or of a missing bias) comes back empty."""
     need_bias = need_bias and bias is not None
     d_h, d_w, d_b = _impl(hidden).bce_bwd(grad, hidden, weight, bias, target, _bce_soft(soft_logits, alpha), alpha,
                                           need_hidden, need_weight, need_bias)
     return _grad_or_empty(hidden, need_hidden, d_h), _grad_or_empty(weight, need_weight, d_w), \
         _grad_or_empty(_bias_or_empty(bias, hidden), need_bias, d_b)
+
+
+@torch.library.custom_op("cosmos_fast::fused_linear_bce_bwd", mutates_args=())
+def fused_linear_bce_bwd(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         soft_logits: Optional[Tensor], alpha: float, need_hidden: bool, need_weight: bool,
+                         need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _bce_backward(grad, hidden, weight, bias, target, soft_logits, alpha, need_hidden, need_weight,
+                         need_bias)
 
 
 @fused_linear_bce_bwd.register_fake
@@ -176,7 +198,7 @@ def _setup_bce_context(ctx, inputs, output):
     ctx.alpha = alpha
 
 
-def _bce_backward(ctx, grad_loss):
+def _bce_autograd_backward(ctx, grad_loss):
     hidden, weight, bias, target, soft_logits = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     d_hidden, d_weight, d_bias = fused_linear_bce_bwd(grad_loss.contiguous(), hidden, weight, bias, target,
@@ -185,4 +207,56 @@ def _bce_backward(ctx, grad_loss):
             None, None, None)
 
 
-fused_linear_bce_fwd.register_autograd(_bce_backward, setup_context=_setup_bce_context)
+fused_linear_bce_fwd.register_autograd(_bce_autograd_backward, setup_context=_setup_bce_context)
+
+
+class _EagerFusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, soft_logits, alpha, ignore_index):
+        row_loss, lse, soft_lse = _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, target, soft_logits, lse, soft_lse)
+        ctx.alpha, ctx.ignore_index = alpha, ignore_index
+        return row_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, target, soft_logits, lse, soft_lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        d_hidden, d_weight, d_bias = _ce_backward(
+            grad_loss.contiguous(), hidden, weight, bias, target, soft_logits, ctx.alpha, ctx.ignore_index, lse,
+            soft_lse, need_hidden, need_weight, need_bias,
+        )
+        return (d_hidden if need_hidden else None, d_weight if need_weight else None,
+                d_bias if need_bias else None, None, None, None, None)
+
+
+class _EagerFusedLinearBCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, soft_logits, alpha):
+        ctx.save_for_backward(hidden, weight, bias, target, soft_logits)
+        ctx.alpha = alpha
+        return _bce_forward(hidden, weight, bias, target, soft_logits, alpha)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, target, soft_logits = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        d_hidden, d_weight, d_bias = _bce_backward(grad_loss.contiguous(), hidden, weight, bias, target, soft_logits,
+                                                   ctx.alpha, need_hidden, need_weight, need_bias)
+        return (d_hidden if need_hidden else None, d_weight if need_weight else None,
+                d_bias if need_bias else None, None, None, None)
+
+
+def fused_linear_ce_rows(hidden, weight, bias, target, soft_logits, alpha, ignore_index) -> Tensor:
+    """Per-row losses [N] with autograd: the custom op under torch.compile, the lean Function in eager mode.
+    No argument checks: the public function does them."""
+    if torch.compiler.is_compiling():
+        return fused_linear_ce_fwd(hidden, weight, bias, target, soft_logits, alpha, ignore_index)[0]
+    return _EagerFusedLinearCE.apply(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
+
+
+def fused_linear_bce_rows(hidden, weight, bias, target, soft_logits, alpha) -> Tensor:
+    """Per-row losses [N] with autograd, dispatched like :func:`fused_linear_ce_rows`."""
+    if torch.compiler.is_compiling():
+        return fused_linear_bce_fwd(hidden, weight, bias, target, soft_logits, alpha)
+    return _EagerFusedLinearBCE.apply(hidden, weight, bias, target, soft_logits, alpha)
