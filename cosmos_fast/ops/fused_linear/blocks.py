@@ -26,21 +26,18 @@ def row_blocks(n: int, V: int, elements: int | None = None):
         yield start, min(n, start + step)
 
 
-def active_rows(target: torch.Tensor, ignore_index: int, V: int,
-                check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indexes [n] of the rows whose target is not ``ignore_index``, their targets [n]).
+def active_rows(target: torch.Tensor, ignore_index: int, V: int) -> torch.Tensor:
+    """Indexes [n], in order, of the rows whose target is not ``ignore_index``.
 
-    With ``check``, raises ValueError when an active target lies outside [0, V) (a host synchronisation: the
-    backward, whose forward checked, skips it)."""
-    rows = torch.nonzero(target != ignore_index).squeeze(1)
-    targets = target.index_select(0, rows)
-    if not check:
-        return rows, targets
-    out_of_range = (targets < 0) | (targets >= V)
-    if bool(out_of_range.any()):
-        bad = targets[out_of_range][0].item()
+    Raises ValueError when an active target lies outside [0, V). One host synchronisation (reading the two
+    counts); a stable sort then puts the active rows first without a second one, as ``nonzero`` would need."""
+    active = target != ignore_index
+    out_of_range = active & ((target < 0) | (target >= V))
+    n_active, n_bad = torch.stack([active.sum(), out_of_range.sum()]).tolist()
+    if n_bad:
+        bad = target[out_of_range][0].item()
         raise ValueError(f"target values must be in [0, {V}) or equal ignore_index ({ignore_index}), got {bad}")
-    return rows, targets
+    return torch.sort(active.logical_not().to(torch.uint8), stable=True).indices[:n_active]
 
 
 def soft_row_index(soft_logits: torch.Tensor, rows: torch.Tensor, N: int) -> torch.Tensor:

@@ -46,9 +46,12 @@ def _bias_or_empty(bias: Optional[Tensor], hidden: Tensor) -> Tensor:
     return hidden.new_empty(0) if bias is None else bias
 
 
-def _active_problem(hidden, target, soft_logits, alpha, ignore_index, V, check=True):
-    """(rows [n], their targets [n], their hidden rows [n, H], soft logits or None, soft row per active row)."""
-    rows, targets = active_rows(target, ignore_index, V, check)
+def _active_problem(hidden, target, soft_logits, alpha, ignore_index, V, rows=None):
+    """(rows [n], their targets [n], their hidden rows [n, H], soft logits or None, soft row per active row);
+    ``rows`` when the forward found them already."""
+    if rows is None:
+        rows = active_rows(target, ignore_index, V)
+    targets = target.index_select(0, rows)
     hidden_active = hidden if rows.numel() == hidden.shape[0] else hidden.index_select(0, rows)
     if soft_logits is None or alpha == 0.0:
         return rows, targets, hidden_active, None, None
@@ -64,23 +67,24 @@ def _scatter_rows(values: Tensor, rows: Tensor, N: int) -> Tensor:
 
 
 def _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index):
-    """(row loss [N], row log-sum-exp [N], soft log-sum-exp [N] or [0] without soft targets), fp32 (fp64 for fp64
-    inputs), zeros at rows whose target is ``ignore_index``."""
+    """(row loss [N], row log-sum-exp [N], soft log-sum-exp [N] or [0] without soft targets; fp32, fp64 for fp64
+    inputs; zeros at rows whose target is ``ignore_index``) and the active rows [n]."""
     N, V = hidden.shape[0], weight.shape[0]
     rows, targets, hidden_a, soft, soft_rows = _active_problem(hidden, target, soft_logits, alpha, ignore_index, V)
     dtype = _loss_dtype(hidden)
     if rows.numel() == 0:
         zeros = hidden.new_zeros(N, dtype=dtype)
-        return zeros, zeros.clone(), zeros.new_zeros(N if soft is not None else 0)
+        return (zeros, zeros.clone(), zeros.new_zeros(N if soft is not None else 0)), rows
     loss, lse, soft_lse = _impl(hidden).ce_fwd(hidden_a, weight, bias, targets, soft, soft_rows, alpha)
     soft_lse = _scatter_rows(soft_lse.to(dtype), rows, N) if soft is not None else soft_lse.to(dtype)
-    return _scatter_rows(loss.to(dtype), rows, N), _scatter_rows(lse.to(dtype), rows, N), soft_lse
+    return (_scatter_rows(loss.to(dtype), rows, N), _scatter_rows(lse.to(dtype), rows, N), soft_lse), rows
 
 
 @torch.library.custom_op("cosmos_fast::fused_linear_ce_fwd", mutates_args=())
 def fused_linear_ce_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                         soft_logits: Optional[Tensor], alpha: float, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    return _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
+    """(row loss [N], row log-sum-exp [N], soft log-sum-exp [N] or [0]); see ``_ce_forward``."""
+    return _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index)[0]
 
 
 @fused_linear_ce_fwd.register_fake
@@ -92,12 +96,13 @@ def _(hidden, weight, bias, target, soft_logits, alpha, ignore_index):
 
 
 def _ce_backward(grad, hidden, weight, bias, target, soft_logits, alpha, ignore_index, lse, soft_lse,
-                 need_hidden, need_weight, need_bias):
-    """(d_hidden, d_weight, d_bias); a gradient not asked for (or of a missing bias) comes back empty."""
+                 need_hidden, need_weight, need_bias, rows=None):
+    """(d_hidden, d_weight, d_bias); a gradient not asked for (or of a missing bias) comes back empty.
+    ``rows``: the forward's active rows (found again when not given)."""
     N, V = hidden.shape[0], weight.shape[0]
     need_bias = need_bias and bias is not None
     rows, targets, hidden_a, soft, soft_rows = _active_problem(hidden, target, soft_logits, alpha, ignore_index, V,
-                                                               check=False)
+                                                               rows)
     if rows.numel() == 0:  # nothing contributes: zero gradients
         return (_grad_or_empty(hidden, need_hidden, torch.zeros_like(hidden)),
                 _grad_or_empty(weight, need_weight, torch.zeros_like(weight)),
@@ -213,18 +218,19 @@ fused_linear_bce_fwd.register_autograd(_bce_autograd_backward, setup_context=_se
 class _EagerFusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, soft_logits, alpha, ignore_index):
-        row_loss, lse, soft_lse = _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, target, soft_logits, lse, soft_lse)
+        (row_loss, lse, soft_lse), rows = _ce_forward(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
+        # The active rows travel to the backward: no second host synchronisation to find them.
+        ctx.save_for_backward(hidden, weight, bias, target, soft_logits, lse, soft_lse, rows)
         ctx.alpha, ctx.ignore_index = alpha, ignore_index
         return row_loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, bias, target, soft_logits, lse, soft_lse = ctx.saved_tensors
+        hidden, weight, bias, target, soft_logits, lse, soft_lse, rows = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_hidden, d_weight, d_bias = _ce_backward(
             grad_loss.contiguous(), hidden, weight, bias, target, soft_logits, ctx.alpha, ctx.ignore_index, lse,
-            soft_lse, need_hidden, need_weight, need_bias,
+            soft_lse, need_hidden, need_weight, need_bias, rows,
         )
         return (d_hidden if need_hidden else None, d_weight if need_weight else None,
                 d_bias if need_bias else None, None, None, None, None)
