@@ -7,16 +7,16 @@ running BCE sum. Splitting the vocabulary over programs fills the GPU when the a
 masked tokens are 15 row blocks); the per-split statistics [stat, split, n] are combined in PyTorch.
 
 Backward: for each bounded block of rows (:mod:`.blocks`), one kernel recomputes the logits tile by tile and
-writes dL/dlogits for the block in the input dtype; cuBLAS turns the block into dX and accumulates dW (fp32),
-so memory stays O(block x V) and the products run at matrix-multiply speed.
+writes dL/dlogits for the block in the input dtype; cuBLAS turns the block into dX and dW (summed in fp32 when
+there are several blocks), so memory stays O(block x V) and the products run at matrix-multiply speed.
 
-Measured (H100, torch 2.11, triton 3.6, bf16 fwd+bwd, ``bench_fused_linear.py``): 768 -> 30522 over 1942 of
-12800 rows 2.99 ms / 0.16 GiB (naive 10.5 ms / 2.19 GiB, torch.compile 6.98 ms / 2.91 GiB); the kernels take
-~0.43 ms (forward) and ~0.4 ms (dL/dlogits), the two products ~0.8 ms. Not yet tuned: the tiles are the
-contrastive forward's; with soft targets the forward kernel takes 1.0 ms. The small heads (768 -> 8192,
-256 -> 30522) are bound by host work: the host synchronisations of the active-row selection (one in the
-forward, one in the backward) and torch.library's autograd wrapper (~250 us of CPU per forward call), which
-leave the GPU idle; there the dense peers are faster (1.0-1.6 ms against 1.3-2.7 ms).
+Measured (H100, torch 2.11, triton 3.6, bf16 fwd+bwd, ``bench_fused_linear.py`` at commit 80cc7aa): 768 ->
+30522 over 1942 of 12800 rows 2.99 ms / 0.16 GiB (naive 10.5 ms / 2.19 GiB, torch.compile 6.98 ms / 2.91 GiB);
+the kernels take ~0.43 ms (forward) and ~0.4 ms (dL/dlogits), the two products ~0.8 ms. Not yet tuned: the
+tiles are the contrastive forward's; with soft targets the forward kernel takes 1.0 ms. The small heads
+(768 -> 8192, 256 -> 30522) were bound by host work, where the dense peers were faster (1.0-1.6 ms against
+1.3-2.7 ms): three host synchronisations per call and torch.library's autograd wrapper (~250 us of CPU per
+forward). Since then eager calls skip that wrapper and synchronise once (:mod:`.op`); not yet re-measured.
 """
 from __future__ import annotations
 
