@@ -20,8 +20,9 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
     Returns:
         [B, Lq, H, Dh] in q's dtype. A sample whose keys are all masked gets zeros (and zero gradients).
 
-    CUDA tensors with Lq <= 64 and Dh <= 128 take the Triton kernel (registered as ``cosmos_fast::
-    cross_attention_*``); other shapes and CPU tensors ``F.scaled_dot_product_attention``.
+    CUDA tensors with Lq <= 64 and Dh <= 128 (fp32: at most 32 x 128 query elements per head) take the Triton
+    kernel (registered as ``cosmos_fast::cross_attention_*``); other shapes and CPU tensors
+    ``F.scaled_dot_product_attention``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, x, 4)
@@ -42,10 +43,10 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     scale = Dh ** -0.5 if scale is None else float(scale)
-    from .triton_kernels import MAX_HEAD_DIM, MAX_QUERIES
+    from .triton_kernels import supports
 
     # The Triton kernel holds a (sample, head) pair's queries in one tile; SDPA serves longer query sets.
-    if select_backend(q, supported=q.shape[1] <= MAX_QUERIES and Dh <= MAX_HEAD_DIM) == "triton":
+    if select_backend(q, supported=supports(q.shape[1], Dh, q.dtype)) == "triton":
         from .op import cross_attention_triton
 
         return cross_attention_triton(q, k, v, key_padding_mask, scale)

@@ -100,8 +100,11 @@ class _FusedPooler(torch.autograd.Function):
 
 
 def fused_pooler_supported(query, n_heads: int) -> bool:
-    """Shapes the fused path covers: the Triton kernel's (Lq <= 64, Dh <= 128)."""
-    return query.shape[1] <= triton_kernels.MAX_QUERIES and query.shape[-1] // n_heads <= triton_kernels.MAX_HEAD_DIM
+    """Inputs the fused path covers: the Triton kernel's (see ``triton_kernels.supports``) in the dtype the
+    attention will run in."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return triton_kernels.supports(query.shape[1], query.shape[-1] // n_heads, dtype)
 
 
 def fused_pooler(query, context, key_padding_mask, ln_q, ln_k, attn, *, residual: bool, normalize: bool):

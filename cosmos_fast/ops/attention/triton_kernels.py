@@ -24,6 +24,16 @@ MAX_QUERIES = 64  # one program holds all queries of its pairs
 MAX_HEAD_DIM = 128
 ROWS_PER_PROGRAM = 64  # query rows (over all packed pairs) per program: PAIRS = ROWS_PER_PROGRAM // BLOCK_Q
 TILE_BYTES = {"fwd": 32768, "bwd": 16384}  # shared memory per K or V tile (per pipeline stage)
+# fp32's three-pass TF32 products stage query-sized tiles several times over: past this many query elements
+# per pair (64 x 128 needs 270 KB even at the smallest key block) the backward exceeds an H100's shared memory
+MAX_FP32_QUERY_TILE = 32 * 128
+
+
+def supports(Lq: int, Dh: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take this shape: Lq <= 64 and Dh <= 128, fp32 within MAX_FP32_QUERY_TILE."""
+    if Lq > MAX_QUERIES or Dh > MAX_HEAD_DIM:
+        return False
+    return dtype != torch.float32 or pow2_at_least_16(Lq) * pow2_at_least_16(Dh) <= MAX_FP32_QUERY_TILE
 
 
 @triton.jit
