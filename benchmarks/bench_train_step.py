@@ -9,7 +9,8 @@ bf16 autocast, exactly as ``train/train.py`` runs them (its ``losses`` and ``upd
 - ``fused``: cosmos_fast's blockwise losses, fused poolers and one-pass EMA;
 - ``fused+compile``: the same with the two towers under ``torch.compile``.
 For 64/128/256 samples per GPU: samples/s, median ms of each stage (forward incl. teacher and loss, backward,
-optimizer, EMA; CUDA events) and peak GiB. Results: ``benchmarks/results/train_step`` (JSON, PNG).
+optimizer, EMA; CUDA events) and peak GiB. Then a short run whose reference and fused losses must agree step by
+step (same initial weights, same random batches). Results: ``benchmarks/results/train_step`` (JSON, PNG).
 
 Usage: python benchmarks/bench_train_step.py [--quick] [--steps N]
 """
@@ -36,28 +37,61 @@ BATCHES = (64, 128, 256)
 VARIANTS = ("reference", "fused", "fused+compile")
 STAGES = ("forward", "backward", "optimizer", "ema")
 GOAL_SAMPLES_PER_S = 800  # at 128 per GPU (kernels.md); 256 per GPU within 75 GiB
+AGREEMENT_TOLERANCE = 2e-2  # relative, per step, bf16 autocast on both sides
 EAGER_UPSTREAM = "eager reference-style code: 372 samples/s at 128 per GPU, 47 GiB (kernels.md)"
 
 
-def random_batch(B: int, cfg, vocab: int):
+def random_batch(B: int, cfg, vocab: int, device="cuda"):
     """Fresh crops and captions: token ids with a start token, a random length and an end-of-text token."""
     size, local_size, length = cfg.data.image_size, cfg.data.local_size, cfg.data.context_length
-    global_crops = torch.randn(2, B, 3, size, size, device="cuda")
-    local_crops = torch.randn(6, B, 3, local_size, local_size, device="cuda")
-    captions = torch.zeros(8, B, length, dtype=torch.long, device="cuda")
-    lengths = torch.randint(5, length - 1, (8, B), device="cuda")
-    words = torch.randint(1, vocab - 2, (8, B, length), device="cuda")
-    positions = torch.arange(length, device="cuda")
+    global_crops = torch.randn(2, B, 3, size, size, device=device)
+    local_crops = torch.randn(6, B, 3, local_size, local_size, device=device)
+    captions = torch.zeros(8, B, length, dtype=torch.long, device=device)
+    lengths = torch.randint(5, length - 1, (8, B), device=device)
+    words = torch.randint(1, vocab - 2, (8, B, length), device=device)
+    positions = torch.arange(length, device=device)
     captions = torch.where(positions < lengths[..., None], words, captions)
     captions[..., 0] = vocab - 2  # start of text
     captions.scatter_(2, lengths[..., None], vocab - 1)  # end of text: the caption's embedding is read here
     return global_crops, local_crops, captions
 
 
+def step_config(kernels: str, B: int, model: str = "vit-b16", image_size: int = 224, local_size: int = 96):
+    return config_lib.load(None, [f"model.name={model}", f"data.image_size={image_size}",
+                                  f"data.local_size={local_size}", "data.context_length=77", f"data.batch_size={B}",
+                                  f"run.kernels={kernels}"])
+
+
+def agreement(steps: int, B: int, device: str = "cuda", **model) -> dict:
+    """Losses of ``steps`` training steps of the reference and the fused kernels from the same initial weights
+    on the same random batches (bf16 autocast on GPU, fp32 on CPU): the two must agree step by step."""
+    losses = {}
+    for kernels in ("reference", "fused"):
+        cfg = step_config(kernels, B, **model)
+        torch.manual_seed(0)
+        net = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size, context_length=77)).to(device)
+        teacher = cosmos_fast.EMATeacher(net, momentum=0.999)
+        optimizer = torch.optim.AdamW(trainer.param_groups(net, 0.5), lr=1e-4, betas=(0.9, 0.98),
+                                      fused=device == "cuda")
+        torch.manual_seed(1)
+        batches = [random_batch(B, cfg, net.text.token_embedding.num_embeddings, device) for _ in range(steps)]
+        losses[kernels] = []
+        for step, (global_crops, local_crops, captions) in enumerate(batches):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss, _ = trainer.losses(net, teacher, cosmos_fast.nn.CosmosLoss(), global_crops, local_crops,
+                                         captions, step, step, cfg)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            net.clamp_logit_scales_()
+            trainer.update_teacher(teacher, net, step, cfg)
+            losses[kernels].append(loss.item())
+    worst = max(abs(f - r) / abs(r) for r, f in zip(losses["reference"], losses["fused"]))
+    return {**losses, "worst_relative_difference": worst}
+
+
 def run_variant(variant: str, B: int, steps: int) -> dict:
-    cfg = config_lib.load(None, ["model.name=vit-b16", "data.image_size=224", "data.local_size=96",
-                                 "data.context_length=77", f"data.batch_size={B}",
-                                 f"run.kernels={'reference' if variant == 'reference' else 'fused'}"])
+    cfg = step_config("reference" if variant == "reference" else "fused", B)
     torch.manual_seed(0)
     model = CosmosModel(model_config("vit-b16", image_size=224, context_length=77)).cuda()
     teacher = cosmos_fast.EMATeacher(model, momentum=0.999)
@@ -101,6 +135,8 @@ def run_variant(variant: str, B: int, steps: int) -> dict:
 def main() -> int:
     parser = bench_args(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
+    parser.add_argument("--agreement-steps", type=int, default=10,
+                        help="steps of reference vs fused from the same weights and batches (B=32), losses compared")
     args = parser.parse_args()
     require_cuda("bench_train_step")
     rows = []
@@ -120,13 +156,18 @@ def main() -> int:
             rows.append({"case": f"vit-b16 B={B}", "impl": variant, "N": B, **result, "goal": goal, "met": met})
             print(rows[-1], flush=True)
             save_results(NAME, rows, {"notes": [EAGER_UPSTREAM]})
+    steps = 3 if args.quick else args.agreement_steps
+    agreed = agreement(steps, 32)
+    agreed["passed"] = agreed["worst_relative_difference"] < AGREEMENT_TOLERANCE
+    print(f"reference vs fused over {steps} steps: losses {agreed}")
+    save_results(NAME, rows, {"notes": [EAGER_UPSTREAM], "agreement": agreed})
     bar_plot(NAME, [r for r in rows if r["status"] == "ok"], label=("case", "impl"), values=("samples_per_s",),
              title=f"COSMOS ViT-B/16 training step, {torch.cuda.get_device_name()}")
     print()
     print_table(rows, ["case", "impl", ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("forward_ms", "fwd"),
                        ("backward_ms", "bwd"), ("optimizer_ms", "optim"), ("ema_ms", "EMA"), ("peak_gib", "GiB"),
                        "goal", "met", "status"])
-    return 0
+    return 0 if agreed["passed"] else 1
 
 
 if __name__ == "__main__":

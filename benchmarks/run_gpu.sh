@@ -36,6 +36,12 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 EOF
 
     echo "== install"
+    # Packages the GPU image lacks (open_clip, webdataset, ...), carried as wheels in .whl/ (see README).
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        echo "installed the carried wheels: $(ls .whl | tr '\n' ' ')"
+    fi
     # Offline: the build uses the setuptools already installed (PEP 660 editable install, no index).
     local pip_log
     pip_log="$(mktemp)"
