@@ -209,3 +209,28 @@ def test_pooler_options_match_float64(backend, residual, normalize, kdim, monkey
     names = ["query", "context"] + [n for n, _ in ours.named_parameters()]
     for name, g, g64 in zip(names, grads, grads64):
         torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pooler_bf16_autocast_matches_float64(backend, monkeypatch):
+    """Under bf16 autocast (GEMMs and attention in bf16, LayerNorms and the normalisation in fp32) both paths
+    stay within bf16 rounding of the float64 pooler, and every gradient comes back in the parameters' fp32."""
+    torch.manual_seed(3)
+    ours = cosmos_fast.nn.CrossAttentionPooler(64, 4)
+    reference = cosmos_fast.nn.CrossAttentionPooler(64, 4).double()
+    reference.load_state_dict(ours.state_dict())
+    query, context = torch.randn(3, 8, 64), torch.randn(3, 50, 64)
+    mask = padding_mask(3, 50, seed=5)
+    leaves = [query.clone().requires_grad_(), context.clone().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(*leaves, mask)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + list(ours.parameters()), grad)
+    monkeypatch.setenv("COSMOS_FAST_BACKEND", "torch")
+    leaves64 = [query.double().requires_grad_(), context.double().requires_grad_()]
+    out64 = reference(*leaves64, mask)
+    grads64 = torch.autograd.grad(out64, leaves64 + list(reference.parameters()), grad.double())
+    names = ["out", "query", "context"] + [n for n, _ in ours.named_parameters()]
+    for name, x, x64 in zip(names, [out, *grads], [out64, *grads64]):
+        assert x.dtype == torch.float32, name
+        error = ((x.double() - x64).norm() / x64.norm()).item()
+        assert error < 2e-2, f"{name}: relative error {error:.2e}"
