@@ -59,8 +59,23 @@ class PSDConfig:
 
 
 @dataclass
+class SIMLAConfig:
+    """SIMLA (psd_simla.md): the paper's values, except the queue, scaled to the data (65536 in the paper)."""
+    alpha: float = 0.4  # distillation weight of ITC, XMM and PSL targets
+    alpha_ramp_steps: int | None = None  # alpha rises linearly from 0 over this many steps (default: one epoch,
+    #                                      data.train_size // data.batch_size; give it for webdataset runs)
+    queue_size: int = 65536  # momentum features per modality
+    mlm_probability: float = 0.15  # caption tokens chosen for XMM(text) (80/10/10 mask/random/keep)
+    image_mask_ratio: float = 75 / 256  # patches masked block-wise for XMM(image)
+    keywords: int = 5  # PSL: caption tokens kept as keywords
+    keywords_per_head: int = 4  # PSL: top positions of each head's [CLS] attention that vote
+    codebook_images: int = 512  # training images the visual-token k-means codebook is fitted on
+    codebook_iterations: int = 10
+
+
+@dataclass
 class RunConfig:
-    objective: str = "cosmos"  # cosmos | clip | psd
+    objective: str = "cosmos"  # cosmos | clip | psd | simla (model.name then names a SIMLA config: tiny | base)
     steps: int = 600
     seed: int = 0
     out_dir: str = "runs/tiny-cpu"
@@ -81,6 +96,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     psd: PSDConfig = field(default_factory=PSDConfig)
+    simla: SIMLAConfig = field(default_factory=SIMLAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -102,7 +118,7 @@ def _set(section, key: str, value: Any, where: str) -> None:
 def apply(cfg: TrainConfig, values: dict, prefix: str = "") -> TrainConfig:
     for name, body in values.items():
         if not hasattr(cfg, name) or not dataclasses.is_dataclass(getattr(cfg, name)):
-            raise ValueError(f"unknown config section {prefix + name!r} (known: model, data, optim, teacher, psd, run)")
+            raise ValueError(f"unknown config section {prefix + name!r} (known: model, data, optim, teacher, psd, simla, run)")
         if not isinstance(body, dict):
             raise ValueError(f"config section {prefix + name!r} must be a mapping")
         for key, value in body.items():
@@ -136,8 +152,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
             raise ValueError(f"override {item!r} must look like section.key=value")
         section, name = key.split(".")
         apply(cfg, {section: {name: _parse(raw)}})
-    if cfg.run.objective not in ("cosmos", "clip", "psd"):
-        raise ValueError(f"run.objective must be cosmos, clip or psd, got {cfg.run.objective!r}")
+    if cfg.run.objective not in ("cosmos", "clip", "psd", "simla"):
+        raise ValueError(f"run.objective must be cosmos, clip, psd or simla, got {cfg.run.objective!r}")
+    if cfg.run.objective == "simla" and (cfg.run.kernels != "fused" or cfg.run.fsdp):
+        raise ValueError("run.objective=simla runs on the fused kernels, without FSDP (run.kernels=fused, run.fsdp=false)")
     if cfg.psd.source not in ("self", "ema"):
         raise ValueError(f"psd.source must be self or ema, got {cfg.psd.source!r}")
     if cfg.data.source not in ("shapes", "webdataset"):

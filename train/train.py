@@ -6,6 +6,7 @@ Usage: python train/train.py [--config train/configs/tiny-cpu.yaml] [section.key
 Student forward on 2 global + 6 local crops and 8 captions, teacher (EMA copy) forward on the 2 global crops
 and the 2 global captions, CosmosLoss (or the CLIP or PSD loss), AdamW, temperature clamp, EMA update; a JSONL
 log and a progress bar; zero-shot retrieval and classification on the held-out split at the end (shapes).
+run.objective=simla trains SIMLA instead (train/simla.py), through the same loop.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import config as config_lib  # noqa: E402
+import simla as simla_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
 from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views, to_model_input  # noqa: E402
@@ -112,6 +114,8 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
     upstream's way, every rank gathers the whole batch and loops over view pairs with full N x N logits and
     F.cross_entropy; each rank then holds the global loss, and after DDP's averaging the gradient is the same.
     """
+    if cfg.run.objective == "simla":  # one image (the first global crop) and one caption per sample
+        return loss_fn(model, teacher, global_crops[0], captions[0], step)
     reference = cfg.run.kernels == "reference"
     out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding,
                 reference_attention=reference)
@@ -326,14 +330,21 @@ def train(cfg, resume: bool) -> int:
         if len(train_set) < cfg.data.batch_size:
             raise ValueError(f"the dataset has {len(train_set)} samples, fewer than one batch ({cfg.data.batch_size})")
 
-    raw = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size,
-                                   context_length=cfg.data.context_length)).to(device)
+    if cfg.run.objective == "simla":  # its visual-token codebook is fitted on training images before the EMA copy
+        images = (shard_batches(collate, cfg, 0) if cfg.data.source == "webdataset"
+                  else batches(train_set, collate, cfg, 0, 0))
+        raw = simla_lib.build_model(cfg, (batch["global"][0] for _, _, batch in images)).to(device)
+    else:
+        raw = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size,
+                                       context_length=cfg.data.context_length)).to(device)
     teacher = cosmos_fast.EMATeacher(raw, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
                                      final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
     if cfg.run.fsdp:
         shard(raw, teacher_side=False)
         shard(teacher.module, teacher_side=True)
-    loss_fn = cosmos_fast.nn.CosmosLoss()
+    # SIMLA's loss holds the momentum feature queues: its state is checkpointed
+    loss_fn = (simla_lib.SIMLALoss(raw.config.embed_dim, cfg).to(device) if cfg.run.objective == "simla"
+               else cosmos_fast.nn.CosmosLoss())
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -346,6 +357,7 @@ def train(cfg, resume: bool) -> int:
         set_model_state_dict(raw, state["model"], options=StateDictOptions(full_state_dict=True))
         set_model_state_dict(teacher, state["teacher"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        loss_fn.load_state_dict(state.get("loss_state", {}))
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -422,6 +434,7 @@ def train(cfg, resume: bool) -> int:
             state = {"model": get_model_state_dict(raw, options=FULL_STATE),
                      "teacher": get_model_state_dict(teacher, options=FULL_STATE),
                      "optimizer": get_optimizer_state_dict(raw, optimizer, options=FULL_STATE),
+                     "loss_state": loss_fn.state_dict(),
                      "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch, "position": position + 1,
                      "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "config": cfg}
             if rank == 0:
