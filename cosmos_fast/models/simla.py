@@ -138,12 +138,14 @@ def block_patch_mask(batch: int, grid: int, n_masked: int, device=None, generato
 
 
 def sample_hard_negatives(similarity: torch.Tensor, generator=None) -> torch.Tensor:
-    """One hard negative per row: index j != i drawn with probability softmax(similarity_i) (the diagonal,
-    the positive, zeroed), by one ``torch.multinomial`` over all rows.
+    """One hard negative per row: index j != i drawn with probability softmax(similarity_i) with the diagonal
+    (the positive) zeroed and renormalised, by one ``torch.multinomial`` over all rows.
 
-    similarity [B, B] (B >= 2, detached) -> int64 [B]."""
-    weights = similarity.float().softmax(dim=1) + 1e-5  # ALBEF's floor: no row underflows to all zeros
-    weights.fill_diagonal_(0)
+    similarity [B, B] (B >= 2, detached) -> int64 [B]. The softmax runs over the negatives only (the same
+    distribution): after a softmax over the whole row a confident positive would leave the negatives underflowed
+    to zero, and ALBEF's floor of 1e-5 then makes the draw uniform."""
+    eye = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    weights = similarity.float().masked_fill(eye, float("-inf")).softmax(dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
