@@ -12,7 +12,7 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # a cosmos_fast.models config: tiny | vit-b16
+    name: str = "tiny"  # a cosmos_fast.models config: tiny | vit-b16 (run.objective=simla: a SIMLA config, tiny | base)
     mask_padding: bool = True  # False: attend to caption padding as upstream COSMOS does
 
 
