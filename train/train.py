@@ -67,9 +67,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-# Prompt ensemble for the shapes' class names: the class is a shape; its colour varies, so average over colours.
-SHAPE_TEMPLATES = tuple(f"a picture of {'an' if c[0] in 'aeiou' else 'a'} {c} {{}}" for c in COLORS) + (
-    "a picture of a {}", "a large {}")
+# Prompt ensemble for the shapes' class names, worded as the captions are: the class shape's own sentence, and
+# the raw caption in every colour (the class's colour varies: the average over colours leaves the shape).
+SHAPE_TEMPLATES = ("the large shape is a {}", "a picture of a {}") + tuple(
+    f"a picture of {'an' if c[0] in 'aeiou' else 'a'} {c} {{}}" for c in COLORS)
 
 
 class Collate:

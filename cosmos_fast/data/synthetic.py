@@ -1,9 +1,10 @@
 """The built-in dataset: generated pictures of coloured shapes with multi-sentence captions.
 
 Needs nothing from outside, is deterministic by (seed, split, index), and carries class names, so the main
-job can train and evaluate zero-shot retrieval and classification anywhere. Each image holds one to three
-shapes; the largest one names the image's class (its shape), and the captions describe every object (colour,
-size, position) and the background, one sentence each.
+job can train and evaluate zero-shot retrieval and classification anywhere. Each image holds one large shape,
+which names the image's class, and up to two small distractor shapes where there is room beside it; the captions
+describe every object and the background, one short sentence per fact, the large shape's own sentences leading
+with it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (140, 60, 180), "orange": (240, 140, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (20, 20, 20)}
 SPLITS = {"train": 0, "heldout": 1}
+# sides as fractions of the image: the class shape fills most of it, so that which patches it covers, not only
+# its colour, is plain to a small ViT with 8 px patches at 48 px; distractors fit in the margin only now and then
+MAIN_EXTENT = (0.65, 0.9)
+DISTRACTOR_EXTENT = (0.15, 0.25)
+MAX_DISTRACTORS = 2
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -74,20 +80,29 @@ class ShapesDataset:
         background = rng.choice(list(BACKGROUNDS))
         image = Image.new("RGB", (s, s), BACKGROUNDS[background])
         draw = ImageDraw.Draw(image)
-        objects = []
-        for rank in range(rng.randint(1, 3)):
-            large = rank == 0  # the first object is the largest: it names the class
-            extent = rng.uniform(0.45, 0.6) * s if large else rng.uniform(0.15, 0.3) * s
-            x0, y0 = rng.uniform(0, s - extent), rng.uniform(0, s - extent)
-            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-            _draw(draw, shape, (int(x0), int(y0), int(x0 + extent), int(y0 + extent)), COLORS[color])
-            objects.append((shape, color, "large" if large else "small",
-                            _position(x0 + extent / 2, y0 + extent / 2, s)))
-        sentences = [f"{_a(size)} {color} {shape} {where}" for shape, color, size, where in objects]
+        main_shape, main_color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        extent = rng.uniform(*MAIN_EXTENT) * s
+        x0, y0 = rng.uniform(0, s - extent), rng.uniform(0, s - extent)
+        main_box = (x0, y0, x0 + extent, y0 + extent)
+        _draw(draw, main_shape, tuple(map(int, main_box)), COLORS[main_color])
+        distractors = []
+        for _ in range(rng.randint(0, MAX_DISTRACTORS)):
+            # beside the class shape, never over it (a few tries; none fits: one distractor fewer), so its
+            # outline stays whole and every shape the captions name is visible
+            e = rng.uniform(*DISTRACTOR_EXTENT) * s
+            for _ in range(10):
+                box = (x := rng.uniform(0, s - e), y := rng.uniform(0, s - e), x + e, y + e)
+                if box[2] <= main_box[0] or box[0] >= main_box[2] or box[3] <= main_box[1] or box[1] >= main_box[3]:
+                    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+                    _draw(draw, shape, tuple(map(int, box)), COLORS[color])
+                    distractors.append((shape, color, _position(x + e / 2, y + e / 2, s)))
+                    break
+        # shape alone, colour and place in sentences of their own: a one-sentence text crop often names just
+        # the shape, so matching captions needs the shape, not only the colours, which a patch shows at once
+        sentences = [f"the large shape is {_a(main_shape)}", f"the {main_shape} is {main_color}",
+                     f"the {main_shape} is {_position(x0 + extent / 2, y0 + extent / 2, s)}"]
+        sentences += [f"a small {color} {shape} {where}" for shape, color, where in distractors]
         sentences.append(f"the background is {background}")
-        if len(objects) > 1:
-            sentences.append(f"there are {len(objects)} shapes in the picture")
-        main_shape, main_color = objects[0][0], objects[0][1]
         return {
             "key": f"{self.split}-{index:08d}",
             "image": image,
