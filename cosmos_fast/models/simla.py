@@ -118,8 +118,9 @@ def block_patch_mask(batch: int, grid: int, n_masked: int, device=None, generato
     in random order), then uncovered patches at random, until ``n_masked``. Returns bool [batch, grid * grid],
     True = masked, in the ViT's row-major patch order.
     """
-    shape = (batch, rectangles)
-    draw = lambda: torch.rand(shape, device=device, generator=generator)  # noqa: E731
+    def draw():
+        return torch.rand((batch, rectangles), device=device, generator=generator)
+
     area = min_area + draw() * max(n_masked - min_area, 0)
     aspect = torch.exp(math.log(0.3) + draw() * 2 * math.log(1 / 0.3))
     height = (area * aspect).sqrt().round().clamp(1, grid)
@@ -130,8 +131,8 @@ def block_patch_mask(batch: int, grid: int, n_masked: int, device=None, generato
     cols = torch.arange(grid, device=device).view(1, 1, 1, grid)
     inside = ((rows >= top[..., None, None]) & (rows < (top + height)[..., None, None])
               & (cols >= left[..., None, None]) & (cols < (left + width)[..., None, None]))  # [B, R, g, g]
-    order = torch.arange(rectangles + 1, device=device, dtype=torch.float32).view(1, -1, 1, 1)
-    first_cover = torch.where(inside, order[:, :rectangles], float(rectangles)).amin(dim=1).flatten(1)
+    order = torch.arange(rectangles, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    first_cover = torch.where(inside, order, float(rectangles)).amin(dim=1).flatten(1)  # uncovered: last
     score = first_cover + torch.rand(first_cover.shape, device=device, generator=generator)
     masked = torch.zeros_like(first_cover, dtype=torch.bool)
     return masked.scatter_(1, score.argsort(dim=1)[:, :n_masked], True)
