@@ -47,6 +47,26 @@ def test_soft_targets(backend, N, D, dtype, masked):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,D,K", [(7, 32, 5), (129, 96, 70)])
+def test_momentum_columns(backend, N, D, K, dtype):
+    """ALBEF/SIMLA's ITC: rows against momentum features and queues, soft targets from the momentum model."""
+    a_m, b_m = features(N, D, seed=3).to(dtype), features(N, D, seed=4).to(dtype)
+    kwargs = dict(columns=(b_m, a_m), extra_a=features(K, D, seed=5).to(dtype),
+                  extra_b=features(K, D, seed=6).to(dtype), teacher=(a_m, b_m, torch.tensor(20.0)), alpha=0.4)
+    assert_loss_accurate(N, D, dtype, **kwargs)
+
+
+def test_momentum_columns_take_no_gradient():
+    a, b = (features(9, 16, seed=s).float().requires_grad_() for s in (1, 2))
+    cols = [features(9, 16, seed=s).float().requires_grad_() for s in (3, 4)]
+    loss = cosmos_fast.contrastive_loss(a, b, 10.0, columns=tuple(cols))
+    grads = torch.autograd.grad(loss, [a, b, *cols], allow_unused=True)
+    assert grads[0] is not None and grads[1] is not None and grads[2] is None and grads[3] is None
+    differs = cosmos_fast.contrastive_loss(a, b, 10.0)  # the in-batch columns are really replaced
+    assert not torch.isclose(loss, differs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,D,K", [(7, 32, 5), (129, 96, 70)])
 @pytest.mark.parametrize("with_teacher", [False, True], ids=["hard", "soft"])
 def test_extra_columns(backend, N, D, K, dtype, with_teacher):
     extra_a, extra_b = features(K, D, seed=5).to(dtype), features(K + 3, D, seed=6).to(dtype)

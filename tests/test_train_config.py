@@ -20,7 +20,7 @@ def test_default_config_and_overrides():
     (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
     (["optimizer.lr=1"], "unknown config section 'optimizer'"),
     (["run.steps=many"], "config key 'run.steps' takes int"),
-    (["run.objective=simclr"], "run.objective must be cosmos, clip or psd"),
+    (["run.objective=simclr"], "run.objective must be cosmos, clip, psd or simla"),
     (["psd.source=moco"], "psd.source must be self or ema"),
     (["data.source=webdataset"], "needs data.path"),
     (["steps=3"], "must look like section.key=value"),

@@ -386,9 +386,9 @@ class SIMLAModel(nn.Module):
         Args: as :meth:`momentum_targets`, plus ``targets`` (its output, from the momentum model), ``alpha``
         (the distillation weight) and the queues' momentum features [K, E] (or None while empty).
         Returns {"itc", "itm", "xmm_text", "xmm_image", "psl"}:
-        - itc: symmetric InfoNCE of the normalised features over the batch plus the queues, targets
-          ``(1 - alpha) onehot + alpha softmax(momentum similarity / tau)``. The in-batch columns are the
-          student's own features (the kernel's symmetric form; ALBEF/SIMLA use the momentum features there).
+        - itc: InfoNCE of the normalised features, both directions, against the momentum features of the batch
+          plus the queues (``s_i2t = v [t^m, Q_t] / tau``, as ALBEF/SIMLA), targets
+          ``(1 - alpha) onehot + alpha softmax(momentum similarity / tau)``.
         - itm: 2-way CE on the fused [CLS] of B positives and 2B hard negatives (a text per image and an image
           per text, from the in-batch ITC similarities: :func:`sample_hard_negatives`).
         - xmm_text: MLM of the masked caption over the image, chosen positions only, hard/soft mixed by alpha.
@@ -401,12 +401,13 @@ class SIMLAModel(nn.Module):
         scale = 1 / self.temperature
         image_queue, text_queue = (None if q is None else q.to(image.dtype) for q in (image_queue, text_queue))
         itc = contrastive_loss(image, text, scale, teacher=(targets["image"], targets["text"], scale.detach()),
-                               alpha=alpha, extra_a=image_queue, extra_b=text_queue)
+                               alpha=alpha, extra_a=image_queue, extra_b=text_queue,
+                               columns=(targets["text"], targets["image"]))
 
         with torch.no_grad():
-            similarity = (image @ text.T) * scale
-            negative_text = sample_hard_negatives(similarity)  # a caption for every image
-            negative_image = sample_hard_negatives(similarity.T)  # an image for every caption
+            # ITC's in-batch logits of each direction (momentum columns)
+            negative_text = sample_hard_negatives((image @ targets["text"].T) * scale)  # a caption for every image
+            negative_image = sample_hard_negatives((text @ targets["image"].T) * scale)  # an image for every caption
         B = ids.shape[0]
         fused = self.text_over_image(torch.cat([ids, ids[negative_text], ids]),
                                      torch.cat([tokens, tokens, tokens[negative_image]]))

@@ -66,7 +66,8 @@ def _check_teacher(teacher, a, alpha, soft_mask, has_extra):
     return ta.detach().to(a.dtype), tb.detach().to(a.dtype), t_scale
 
 
-def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, extra_a=None, extra_b=None, group=None):
+def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, extra_a=None, extra_b=None, columns=None,
+                     group=None):
     """Symmetric InfoNCE (CLIP loss) without the N x N matrix.
 
     ``L = 1/2 [mean_i CE(s a_i B^T, Y_i) + mean_j CE(s b_j A^T, Y^T_j)]``, ``kernels.md`` section 1.
@@ -82,8 +83,13 @@ def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, ex
         extra_a, extra_b: optional [K, D] extra negative columns (queues, no gradient): ``extra_b`` joins the
             columns of the a -> b direction, ``extra_a`` those of b -> a. With a teacher, the teacher scores the
             queue features as they are (they are teacher-space features, as in ALBEF/SIMLA).
+        columns: optional ``(cols_b [N, D], cols_a [N, D])`` that replace the in-batch columns, without gradient:
+            a's rows are scored against ``cols_b`` (then ``extra_b``), b's rows against ``cols_a`` (then
+            ``extra_a``), the positive of row i at column i. ALBEF/SIMLA's ITC, ``s_i2t = v [t^m, Q_t] / tau``,
+            is ``contrastive_loss(v, t, 1 / tau, columns=(t_m, v_m), extra_a=Q_v, extra_b=Q_t,
+            teacher=(v_m, t_m, 1 / tau), alpha=alpha)``.
         group: ``torch.distributed`` process group; when given (or when the default group is initialised), rows
-            stay local and the columns are all-gathered with gradient.
+            stay local and the columns are all-gathered (with gradient, unless they come from ``columns``).
 
     Returns:
         0-d fp32 tensor: this rank's loss (the mean over ranks is the loss of the global batch, and the gradient
@@ -95,15 +101,26 @@ def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, ex
     extra_a = _check_extra("extra_a", extra_a, a)
     extra_b = _check_extra("extra_b", extra_b, a)
     teacher = _check_teacher(teacher, a, alpha, soft_mask, extra_a is not None or extra_b is not None)
+    if columns is not None:
+        if not isinstance(columns, (tuple, list)) or len(columns) != 2:
+            raise TypeError("columns must be a tuple (cols_b [N, D], cols_a [N, D])")
+        for name, cols in zip(("columns[0]", "columns[1]"), columns):
+            check_float_tensor(name, cols, 2)
+            check_same_device("a", a, **{name: cols})
+            if cols.shape != a.shape:
+                raise ValueError(f"{name} must have the shape of a, {tuple(a.shape)}, got {tuple(cols.shape)}")
+        columns = tuple(cols.detach().to(a.dtype) for cols in columns)  # momentum features in the rows' dtype
     rank, size = world(group)
-    if size == 1 and extra_a is None and extra_b is None:
+    if size == 1 and extra_a is None and extra_b is None and columns is None:
         # One square problem: both directions share every logit tile.
         loss_ab, loss_ba = infonce_symmetric(a[None], b[None], scale, teacher=teacher, alpha=alpha,
                                              soft_mask=soft_mask)
         return 0.5 * (loss_ab.mean() + loss_ba.mean())
     n = a.shape[0]
-    a_cols = all_gather_with_grad(a, group)
-    b_cols = all_gather_with_grad(b, group)
+    if columns is None:
+        a_cols, b_cols = all_gather_with_grad(a, group), all_gather_with_grad(b, group)
+    else:
+        b_cols, a_cols = (all_gather_no_grad(cols, group) for cols in columns)
     teacher_ab = teacher_ba = None
     if teacher is not None:
         ta, tb, t_scale = teacher

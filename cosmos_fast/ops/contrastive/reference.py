@@ -29,13 +29,16 @@ def _direction(rows, cols, extra, scale, t_rows, t_cols, t_scale, alpha, soft_ma
     return F.cross_entropy(logits, targets.detach())
 
 
-def contrastive_loss_reference(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, extra_a=None, extra_b=None):
-    """Symmetric InfoNCE, ``kernels.md`` section 1, with full matrices. a, b: [N, D]."""
+def contrastive_loss_reference(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, extra_a=None, extra_b=None,
+                               columns=None):
+    """Symmetric InfoNCE, ``kernels.md`` section 1, with full matrices. a, b: [N, D]; ``columns`` (cols_b,
+    cols_a) replace the in-batch columns without gradient (ALBEF/SIMLA's momentum features)."""
     ta = tb = ts = None
     if teacher is not None:
         ta, tb, ts = (t.detach() if isinstance(t, torch.Tensor) else t for t in teacher)
-    loss_ab = _direction(a, b, extra_b, scale, ta, tb, ts, alpha, soft_mask)
-    loss_ba = _direction(b, a, extra_a, scale, tb, ta, ts, alpha, soft_mask)
+    cols_b, cols_a = (b, a) if columns is None else (c.detach().to(a.dtype) for c in columns)
+    loss_ab = _direction(a, cols_b, extra_b, scale, ta, tb, ts, alpha, soft_mask)
+    loss_ba = _direction(b, cols_a, extra_a, scale, tb, ta, ts, alpha, soft_mask)
     return 0.5 * (loss_ab + loss_ba)
 
 
