@@ -21,7 +21,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from common import bench_args, measure, plot, print_table, require_cuda, save_results
+from common import bench_args, exit_status, measure, plot, print_table, require_cuda, save_results
 
 import cosmos_fast
 from cosmos_fast.nn import CosmosLoss
@@ -238,13 +238,7 @@ def main():
          title=f"contrastive loss fwd+bwd, D={D}, {device}")
     print(f"\nResults: {path}\n")
     print_table(rows, ["case", "N", "impl", "dtype", "ms", ("peak_gib", "GiB"), "status", "goal", "met"])
-    errors = [r for r in rows if r["status"].startswith("error")]
-    if errors:
-        print(f"bench_contrastive: {len(errors)} implementation(s) raised errors (see the tracebacks above)")
-    if failed_checks:
-        names = ", ".join(f"{case} {dtype}" for case, dtype in sorted(failed_checks))
-        print(f"bench_contrastive: ACCURACY CHECK FAILED for cosmos_fast ({names}); those rows were not timed")
-    return 1 if errors or failed_checks else 0
+    return exit_status("bench_contrastive", rows, [f"{case} {dtype}" for case, dtype in sorted(failed_checks)])
 
 
 if __name__ == "__main__":

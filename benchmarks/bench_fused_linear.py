@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-from common import bar_plot, bench_args, measure, print_table, require_cuda, save_results
+from common import bar_plot, bench_args, exit_status, measure, print_table, require_cuda, save_results
 
 import cosmos_fast
 from cosmos_fast.ops.fused_linear.reference import fused_linear_bce_reference, fused_linear_cross_entropy_reference
@@ -210,13 +210,7 @@ def main():
     print(f"\nResults: {path}\n")
     print_table(rows, ["case", "alpha", "impl", "active_rows", "V", "ms", ("floor_ms", "floor"), ("peak_gib", "GiB"),
                        "status"])
-    errors = [r for r in rows if r["status"].startswith("error")]
-    if errors:
-        print(f"bench_fused_linear: {len(errors)} implementation(s) raised errors (see the tracebacks above)")
-    if failed_checks:
-        names = ", ".join(f"{case} alpha={alpha}" for case, alpha in sorted(failed_checks))
-        print(f"bench_fused_linear: ACCURACY CHECK FAILED for cosmos_fast ({names}); those rows were not timed")
-    return 1 if errors or failed_checks else 0
+    return exit_status("bench_fused_linear", rows, [f"{case} alpha={alpha}" for case, alpha in sorted(failed_checks)])
 
 
 if __name__ == "__main__":

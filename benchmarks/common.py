@@ -314,3 +314,14 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str | tuple[st
     print("  ".join("-" * w for w in widths))
     for values in cells:
         print(line(values))
+
+
+def exit_status(script: str, rows: Iterable[dict[str, Any]], failed_checks: Sequence[str] = ()) -> int:
+    """Report implementations that raised and accuracy checks that failed (named in ``failed_checks``); the
+    script's exit status: 1 if there were any, else 0."""
+    errors = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    if errors:
+        print(f"{script}: {len(errors)} implementation(s) raised errors (see the tracebacks above)")
+    if failed_checks:
+        print(f"{script}: ACCURACY CHECK FAILED for cosmos_fast ({', '.join(failed_checks)}); those rows were not timed")
+    return 1 if errors or failed_checks else 0

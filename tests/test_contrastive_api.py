@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from memory import LargestAllocation
 
 import cosmos_fast
 from cosmos_fast import _dispatch
@@ -56,19 +56,6 @@ def test_bad_input_names_the_argument(call, error, words):
     assert words in str(info.value)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):  # bytes: the interpreter moves storages as uint8 tensors
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 @pytest.mark.parametrize("N", [4096, 1024])
 def test_no_n_by_n_buffer(backend, N, monkeypatch):
     """Every tensor the implementation creates in forward and backward (symmetric and generic paths) stays far
@@ -82,7 +69,7 @@ def test_no_n_by_n_buffer(backend, N, monkeypatch):
     monkeypatch.setattr(triton_kernels, "G_BLOCK_MIN_ROWS", 16)
     a, b, queue = feats(1, N, 32, seed=1), feats(1, N, 32, seed=2), feats(N // 4, 32, seed=3)
     scale, none4 = torch.tensor(10.0), (None, None, None, 0.0)
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         loss_ab, loss_ba, *stats = impl.infonce_symmetric_fwd(a, b, scale, *none4, None)
         d_a, d_b, _ = impl.infonce_symmetric_bwd(torch.full_like(loss_ab, 1 / N), torch.full_like(loss_ba, 1 / N),
                                                  a, b, scale, *none4, None, *stats, True, True)

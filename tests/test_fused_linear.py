@@ -3,7 +3,7 @@ interpreted), plus argument errors, memory bounds, and the torch.library registr
 import pytest
 import torch
 from accuracy import assert_accurate
-from torch.utils._python_dispatch import TorchDispatchMode
+from memory import LargestAllocation
 
 import cosmos_fast
 from cosmos_fast.ops.fused_linear import blocks, op
@@ -197,23 +197,6 @@ def test_bad_input_names_the_argument(call, error, words):
     assert words in str(info.value)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Views and in-place ops allocate nothing: the detached N x V target is the caller's, and the Triton
-        # interpreter's set_/copy_ of argument storages (as uint8) stand for the GPU's own memory.
-        if func.is_view or func._schema.is_mutable:
-            return out
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
-
 def test_no_n_by_v_buffer(backend, monkeypatch):
     """Every tensor created in forward and backward stays within the block bound, far below N x V logits."""
     N, H, V = 256, 8, 256  # the [V, H] weight gradient stays below the block bound
@@ -224,7 +207,7 @@ def test_no_n_by_v_buffer(backend, monkeypatch):
     target = ce_targets(N, V, ignored_every=0)
     multi_hot = torch.rand(N, V) < 0.05
     soft = torch.randn(N, V)
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         loss = cosmos_fast.fused_linear_cross_entropy(h, w, target, bias=b, soft_logits=soft, alpha=0.5)
         loss = loss + cosmos_fast.fused_linear_bce(h, w, multi_hot, bias=b)
         loss.backward()
