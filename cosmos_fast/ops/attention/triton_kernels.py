@@ -70,6 +70,17 @@ def _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK: tl.constexpr, PRECISION:
 
 
 @triton.jit
+def _key_block(q, K, V, MASK, b, h, valid, offs_k, offs_d, Lk, D, k_sb, k_sl, v_sb, v_sl, scale,
+               HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, PAIRS: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """One block of keys and values [PAIRS, BLOCK_K, BLOCK_D], the queries' logits against it, and its bounds."""
+    kv_ok = _in_bounds(valid, offs_k, Lk, offs_d, D)
+    k = tl.load(K + _tile(b, h, offs_k, offs_d, D, k_sb, k_sl), mask=kv_ok, other=0.0)
+    v = tl.load(V + _tile(b, h, offs_k, offs_d, D, v_sb, v_sl), mask=kv_ok, other=0.0)
+    return k, v, _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K), kv_ok
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, MASK, O, LSE, n_pairs, Lq, Lk, H, D, q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, o_sb, o_sl,
                 scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -84,12 +95,8 @@ def _fwd_kernel(Q, K, V, MASK, O, LSE, n_pairs, Lq, Lk, H, D, q_sb, q_sl, k_sb, 
     acc = tl.zeros((PAIRS, BLOCK_Q, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_offs = _tile(b, h, offs_k, offs_d, D, k_sb, k_sl)
-        kv_ok = _in_bounds(valid, offs_k, Lk, offs_d, D)
-        v_offs = _tile(b, h, offs_k, offs_d, D, v_sb, v_sl)
-        k = tl.load(K + k_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + v_offs, mask=kv_ok, other=0.0)
-        s = _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
+        k, v, s, _ = _key_block(q, K, V, MASK, b, h, valid, offs_k, offs_d, Lk, D, k_sb, k_sl, v_sb, v_sl, scale,
+                                HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
         m_new = tl.maximum(m_i, tl.max(s, 2))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp() away from -inf - -inf
         p = tl.exp(s - m_safe[:, :, None])
@@ -125,12 +132,8 @@ def _bwd_kernel(Q, K, V, MASK, O, DO, LSE, DQ, DK, DV, n_pairs, Lq, Lk, H, D,
     dq = tl.zeros((PAIRS, BLOCK_Q, BLOCK_D), tl.float32)
     for start in range(0, Lk, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_offs = _tile(b, h, offs_k, offs_d, D, k_sb, k_sl)
-        kv_ok = _in_bounds(valid, offs_k, Lk, offs_d, D)
-        v_offs = _tile(b, h, offs_k, offs_d, D, v_sb, v_sl)
-        k = tl.load(K + k_offs, mask=kv_ok, other=0.0)
-        v = tl.load(V + v_offs, mask=kv_ok, other=0.0)
-        s = _logits(q, k, MASK, b, offs_k, Lk, scale, HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
+        k, v, s, kv_ok = _key_block(q, K, V, MASK, b, h, valid, offs_k, offs_d, Lk, D, k_sb, k_sl, v_sb, v_sl, scale,
+                                    HAS_MASK, PRECISION, PAIRS, BLOCK_Q, BLOCK_K)
         p = tl.exp(s - lse[:, :, None])  # 0 for masked keys and for samples without keys (lse = inf)
         dv = mma(tl.permute(p, (0, 2, 1)).to(do.dtype), do, tl.zeros((PAIRS, BLOCK_K, BLOCK_D), tl.float32),
                  PRECISION)
