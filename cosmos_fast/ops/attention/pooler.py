@@ -119,12 +119,16 @@ class _FusedPooler(torch.autograd.Function):
                 grad_w_v, grad_b_in, grad_w_o, grad_b_o, None, None, None, None, None, None)
 
 
+def _compute_dtype(query) -> torch.dtype:
+    """The dtype the GEMMs and the attention run in: autocast's where it is on, else the query's."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+
+
 def fused_pooler_supported(query, n_heads: int) -> bool:
     """Inputs the fused path covers: the Triton kernel's (see ``triton_kernels.supports``) in the dtype the
     attention will run in."""
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    return triton_kernels.supports(query.shape[1], query.shape[-1] // n_heads, dtype)
+    return triton_kernels.supports(query.shape[1], query.shape[-1] // n_heads, _compute_dtype(query))
 
 
 def fused_pooler(query, context, key_padding_mask, ln_q, ln_k, attn, *, residual: bool, normalize: bool):
@@ -137,9 +141,8 @@ def fused_pooler(query, context, key_padding_mask, ln_q, ln_k, attn, *, residual
         w_in, w_q, w_k, w_v = attn.in_proj_weight, None, None, None
     else:
         w_in, w_q, w_k, w_v = None, attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
-    device = query.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    with torch.autocast(device, enabled=False):
+    compute_dtype = _compute_dtype(query)
+    with torch.autocast(query.device.type, enabled=False):
         return _FusedPooler.apply(query, context, key_padding_mask, ln_q.weight, ln_q.bias, ln_k.weight, ln_k.bias,
                                   w_in, w_q, w_k, w_v, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
                                   ln_q.eps, ln_k.eps, attn.num_heads, compute_dtype, residual, normalize)
