@@ -118,14 +118,19 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
     if cfg.run.objective == "simla":  # one image (the first global crop) and one caption per sample
         return loss_fn(model, teacher, global_crops[0], captions[0], step)
     reference = cfg.run.kernels == "reference"
-    out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding,
-                reference_attention=reference)
+    if cfg.run.objective == "cosmos":
+        out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding,
+                    reference_attention=reference)
+    else:  # the towers alone, on what the loss uses: clip both global crops and every caption, psd one of each
+        clip = cfg.run.objective == "clip"
+        out = model(global_crops if clip else global_crops[:1], local_crops[:0], captions if clip else captions[:1],
+                    cross_attention=False)
     if reference:
         out = {k: all_gather_with_grad(v, dim=1) if v.ndim == 3 else v for k, v in out.items()}
     image, text, scale = out["image"], out["text"], out["logit_scale"]
     if cfg.run.objective == "clip":
         loss = (multiview_contrastive_loss_reference if reference else cosmos_fast.multiview_contrastive_loss)(
-            image[:2], text, scale)
+            image, text, scale)
         return loss, {}
     gather = all_gather_no_grad if reference else (lambda x, dim: x)
     if cfg.run.objective == "psd":
@@ -321,7 +326,9 @@ def train(cfg, resume: bool) -> int:
         writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     tokenizer = Tokenizer(cfg.data.context_length)
-    transform = CosmosTransform(tokenizer, cfg.data.image_size, cfg.data.local_size, seed=cfg.run.seed)
+    # only COSMOS trains on the local crops: the other objectives' samples skip drawing them
+    transform = CosmosTransform(tokenizer, cfg.data.image_size, cfg.data.local_size,
+                                n_local=6 if cfg.run.objective == "cosmos" else 0, seed=cfg.run.seed)
     collate = Collate(transform, seeded=cfg.data.source == "shapes")
     if cfg.data.source == "webdataset":
         check_shards(cfg.data.path)

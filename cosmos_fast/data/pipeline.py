@@ -11,7 +11,7 @@ from .text import crop_text, sentence_pool
 
 class CosmosTransform:
     """``{"key", "image", "raw_caption", "long_captions"}`` -> ``{"key", "global" [2, 3, S, S], "local"
-    [V, 3, s, s], "captions" [8, context_length] int64}``.
+    [V, 3, s, s] (V = n_local, 0 allowed), "captions" [8, context_length] int64}``.
 
     Text crops are deterministic in (seed, epoch, key); image crops follow torch's RNG (seed the DataLoader
     workers). ``tokenizer`` maps a list of strings to [n, context_length] ids (``cosmos_fast.models.Tokenizer``).
@@ -21,6 +21,7 @@ class CosmosTransform:
                  n_global_captions: int = 2, n_local_captions: int = 6, seed: int = 0):
         self.tokenizer = tokenizer
         self.multicrop = MultiCrop(global_size, local_size, n_local)
+        self.local_size = local_size
         self.n_global_captions, self.n_local_captions = n_global_captions, n_local_captions
         self.seed, self.epoch = seed, 0
 
@@ -34,7 +35,8 @@ class CosmosTransform:
             raise ValueError(f"sample {sample['key']!r} has no caption")
         rng = random.Random(f"{self.seed}/{self.epoch}/{sample['key']}")
         captions = crop_text(pool, rng, self.n_global_captions, self.n_local_captions)
-        return {"key": sample["key"], "global": torch.stack(crops[:2]), "local": torch.stack(crops[2:]),
+        local = torch.stack(crops[2:]) if len(crops) > 2 else crops[0].new_empty(0, 3, self.local_size, self.local_size)
+        return {"key": sample["key"], "global": torch.stack(crops[:2]), "local": local,
                 "captions": self.tokenizer(captions)}
 
 

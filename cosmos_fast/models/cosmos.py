@@ -110,24 +110,28 @@ class CosmosModel(nn.Module):
             p.clamp_(0, self.config.max_logit_scale)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, captions: torch.Tensor,
-                mask_padding: bool = True, reference_attention: bool = False) -> dict[str, torch.Tensor]:
+                mask_padding: bool = True, reference_attention: bool = False,
+                cross_attention: bool = True) -> dict[str, torch.Tensor]:
         """One COSMOS student pass.
 
         Args:
-            global_crops: [2, B, 3, S, S]; local_crops: [V, B, 3, s, s]; captions: [C, B, L] token ids
-                (2 global captions first).
+            global_crops: [G, B, 3, S, S] (G = 2 for COSMOS); local_crops: [V, B, 3, s, s] (V may be 0);
+                captions: [C, B, L] token ids (2 global captions first).
             mask_padding: mask padded caption positions in the cross-attention (ours); False attends to them,
                 as upstream does.
             reference_attention: run the poolers' attention as ``nn.MultiheadAttention`` (upstream) instead of
                 cosmos_fast's kernel; the same parameters, the same result within rounding.
-        Returns (all normalised): "image" [2 + V, B, E] and "text" [C, B, E] tower embeddings, "cross_image"
-        [2 + V, B, E] and "cross_text" [C, B, E] cross-attended outputs; "logit_scale", "distill_logit_scale"
-        (exponentiated).
+            cross_attention: False skips the poolers (the CLIP and PSD objectives use the towers alone).
+        Returns (all normalised): "image" [G + V, B, E] and "text" [C, B, E] tower embeddings, "cross_image"
+        [G + V, B, E] and "cross_text" [C, B, E] cross-attended outputs (only with ``cross_attention``);
+        "logit_scale", "distill_logit_scale" (exponentiated).
         """
         n_global, B = global_crops.shape[:2]
         g_emb, g_patches = self.encode_image(global_crops.flatten(0, 1))
-        l_emb, _ = self.encode_image(local_crops.flatten(0, 1))
-        image = torch.cat([g_emb.view(n_global, B, -1), l_emb.view(local_crops.shape[0], B, -1)])
+        image = g_emb.view(n_global, B, -1)
+        if local_crops.shape[0]:
+            l_emb = self.encode_image(local_crops.flatten(0, 1))[0]
+            image = torch.cat([image, l_emb.view(local_crops.shape[0], B, -1)])
         C = captions.shape[0]
         ids = captions.flatten(0, 1)
         # each caption group runs at its own longest length (local captions are one sentence); unmasked
@@ -137,6 +141,9 @@ class CosmosModel(nn.Module):
         if C > 2:
             text_parts.append(self.encode_text(trim_to_longest(ids[2 * B:])))
         text = torch.cat([emb for emb, _ in text_parts]).view(C, B, -1)
+        scales = {"logit_scale": self.logit_scale.exp(), "distill_logit_scale": self.distill_logit_scale.exp()}
+        if not cross_attention:
+            return {"image": F.normalize(image, dim=-1), "text": F.normalize(text, dim=-1), **scales}
         first_caption_ids = global_ids[:B]
         first_caption_tokens = text_parts[0][1][:B]
         # keys of the image side: the first global caption's tokens; of the text side: the first global crop's patches
@@ -150,6 +157,5 @@ class CosmosModel(nn.Module):
         cross_text = self.text_pooler(text.transpose(0, 1), patch_keys, reference=reference_attention).transpose(0, 1)
         return {
             "image": F.normalize(image, dim=-1), "text": F.normalize(text, dim=-1),
-            "cross_image": cross_image, "cross_text": cross_text,
-            "logit_scale": self.logit_scale.exp(), "distill_logit_scale": self.distill_logit_scale.exp(),
+            "cross_image": cross_image, "cross_text": cross_text, **scales,
         }
