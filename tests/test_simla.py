@@ -154,6 +154,29 @@ def test_each_loss_is_finite_and_decreases(ids):
         assert history[-1][name] < history[0][name], (name, [h[name] for h in history])
 
 
+def test_psl_is_the_mean_bce_over_rows_and_vocabulary(model, ids):
+    """PSL weighs as in SIMLA's code: binary_cross_entropy_with_logits' mean over B x V elements, hard and soft
+    targets mixed by alpha (float64 reference from the same image embedding)."""
+    images = _images(1)
+    masked, chosen = mask_text_tokens(ids, 0.3, generator=torch.Generator().manual_seed(0))
+    patch_mask = block_patch_mask(B, SIZE // 8, 5, generator=torch.Generator().manual_seed(0))
+    momentum = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        momentum.keyword_head.weight.add_(0.05 * torch.randn_like(momentum.keyword_head.weight))
+    targets = momentum.momentum_targets(images, ids, masked, chosen, patch_mask)
+    alpha = 0.3
+    with torch.no_grad():
+        psl = model(images, ids, masked, chosen, patch_mask, targets, alpha)["psl"]
+        image = torch.nn.functional.normalize(model.image_projection(model.image_tokens(images)[:, 0]), dim=-1)
+    head = model.keyword_head
+    logits = image.double() @ head.weight.double().T + head.bias.double()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = ((1 - alpha) * bce(logits, targets["keywords"].double())
+                + alpha * bce(logits, torch.sigmoid(targets["keyword_logits"].double())))
+    assert targets["keywords"].sum(1).gt(0).all()
+    torch.testing.assert_close(psl.double(), expected, rtol=1e-5, atol=1e-9)
+
+
 SMALL = ["run.objective=simla", "data.batch_size=8", "data.train_size=16", "data.eval_size=10",
          "data.image_size=32", "data.local_size=16", "run.log_every=1", "optim.warmup_steps=1",
          "simla.codebook_images=64", "simla.codebook_iterations=2", "simla.queue_size=12", "simla.alpha_ramp_steps=2"]

@@ -263,7 +263,7 @@ class SIMLAModel(nn.Module):
         self.image_token_decoder = nn.Linear(cfg.width, cfg.visual_codes)
         self.itm_head = nn.Linear(cfg.width, 2)
         self.keyword_head = nn.Linear(cfg.embed_dim, cfg.vocab_size)
-        # prior of ~5 keywords in the vocabulary: the BCE summed over V starts near 50, not V ln 2 (~34000)
+        # prior of ~5 keywords in the vocabulary: the BCE starts near 50 / V per element, not ln 2
         nn.init.constant_(self.keyword_head.bias, -math.log(cfg.vocab_size / 5))
         self.register_buffer("visual_codebook", torch.zeros(cfg.visual_codes, 3 * cfg.patch_size ** 2))
 
@@ -393,7 +393,7 @@ class SIMLAModel(nn.Module):
           per text, from the in-batch ITC similarities: :func:`sample_hard_negatives`).
         - xmm_text: MLM of the masked caption over the image, chosen positions only, hard/soft mixed by alpha.
         - xmm_image: the visual codes of the masked patches from the masked image over the caption, mixed alike.
-        - psl: multi-hot keyword BCE from the image embedding (summed over the vocabulary, mean over rows).
+        - psl: multi-hot keyword BCE from the image embedding, the mean over rows and vocabulary (as SIMLA's code).
         """
         tokens = self.image_tokens(images)
         image = F.normalize(self.image_projection(tokens[:, 0]), dim=-1)
@@ -427,7 +427,9 @@ class SIMLAModel(nn.Module):
                                                bias=decoder.bias.to(image_hidden.dtype),
                                                soft_logits=targets["image_token_logits"], alpha=alpha)
 
+        # fused_linear_bce sums over the vocabulary; SIMLA's code takes binary_cross_entropy_with_logits' mean over
+        # rows and vocabulary, so PSL weighs 1/V of that in the sum (summed, it outweighed the four other losses)
         psl = fused_linear_bce(image, self.keyword_head.weight.to(image.dtype), targets["keywords"],
                                bias=self.keyword_head.bias.to(image.dtype), soft_logits=targets["keyword_logits"],
-                               alpha=alpha)
+                               alpha=alpha) / self.config.vocab_size
         return {"itc": itc, "itm": itm, "xmm_text": xmm_text, "xmm_image": xmm_image, "psl": psl}
