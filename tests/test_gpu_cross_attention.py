@@ -16,8 +16,9 @@ def qkv(B, Lq, Lk, H, Dh):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Lq,Lk,Dh", [(1, 1, 32), (8, 77, 64), (8, 196, 64), (25, 257, 96), (64, 1024, 128),
-                                      (8, 33, 80)])
-def test_triton_matches_float64(Lq, Lk, Dh, dtype):
+                                      (8, 33, 80), (257, 25, 64)])
+def test_matches_float64(Lq, Lk, Dh, dtype):
+    """The Triton kernel, and SDPA in our backend order for Lq = 257 (SIMLA's image over text)."""
     B, H = 5, 8
     mask = torch.rand(B, Lk, device="cuda") < 0.3
     mask[1] = True
@@ -35,6 +36,14 @@ def test_pooler_compiles_fullgraph_inductor():
     torch.testing.assert_close(compiled(query, context, mask), pooler(query, context, mask), rtol=1e-4, atol=1e-5)
     F.mse_loss(compiled(query, context, mask), torch.zeros_like(query)).backward()
     assert torch.isfinite(query.grad).all()
+
+
+def test_sdpa_path_compiles_fullgraph():
+    """Lq > 64 runs SDPA under sdpa_kernel(set_priority=True): dynamo must trace the context manager."""
+    q, k, v = (torch.randn(4, L, 8, 64, device="cuda", dtype=torch.bfloat16) for L in (257, 25, 25))
+    mask = torch.rand(4, 25, device="cuda") < 0.3
+    compiled = torch.compile(cosmos_fast.cross_attention, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask), cosmos_fast.cross_attention(q, k, v, mask))
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
