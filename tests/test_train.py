@@ -69,18 +69,21 @@ def _log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reference_kernels_match_fused(tmp_path):
+@pytest.mark.parametrize("objective", ["cosmos", "clip", "psd ema"])
+def test_reference_kernels_match_fused(tmp_path, objective):
     """Upstream's way (per-pair full logits and F.cross_entropy, per-tensor EMA loop, nn.MultiheadAttention)
     and cosmos_fast's give the same losses step by step, and the same weights, from the same seed (fp32)."""
+    name, _, source = objective.partition(" ")
+    extra = [f"run.objective={name}"] + ([f"psd.source={source}", "psd.ramp_steps=1"] if source else [])
     runs = {}
     for kernels in ("fused", "reference"):
         out = tmp_path / kernels
-        assert train.main(SMALL + [f"run.kernels={kernels}", f"run.out_dir={out}"]) == 0
+        assert train.main(SMALL + extra + [f"run.kernels={kernels}", f"run.out_dir={out}"]) == 0
         runs[kernels] = (_log(out), _state(out))
     (fused_log, fused), (ref_log, ref) = runs["fused"], runs["reference"]
     assert len(fused_log) == len(ref_log) == 2
     for a, b in zip(fused_log, ref_log):
-        for key in ("loss", "clip", "cosmos"):
+        for key in {"cosmos": ("loss", "clip", "cosmos"), "clip": ("loss",), "psd": ("loss", "alpha")}[name]:
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
     # Adam turns rounding-level gradients (the attention's key bias, to which softmax is blind, has a true
     # gradient of zero) into steps of up to lr: the weights agree to a fraction of lr, the losses to rounding

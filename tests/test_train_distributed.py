@@ -1,5 +1,6 @@
 """The trainer launched as torchrun would (RANK, WORLD_SIZE, MASTER_* in the environment): 2 gloo processes on CPU
-equal one process on the same global batch, under DDP and under FSDP2, with the fused and the reference kernels."""
+equal one process on the same global batch, under DDP and under FSDP2, with the fused and the reference kernels
+(COSMOS, and PSD with its EMA-teacher targets)."""
 import json
 import os
 import socket
@@ -67,3 +68,17 @@ def test_two_ranks_match_one_process(one_process, tmp_path, mode):
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(state[part][name], value, rtol=1e-4, atol=1e-3, msg=f"{part}.{name}")
     assert (tmp_path / "eval.json").exists()  # written once, by rank 0
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_psd_two_ranks_match_one_process(tmp_path, kernels):
+    """PSD's soft subset is drawn over the global batch and its EMA-teacher targets are gathered: 2 ranks train
+    as one process does."""
+    psd = TINY + ["run.objective=psd", "psd.source=ema", "psd.ramp_steps=1"]
+    assert train.main(psd + [f"run.out_dir={tmp_path / 'one'}"]) == 0
+    _launch(psd + [f"run.kernels={kernels}", f"run.out_dir={tmp_path / 'two'}"])
+    (expected_log, expected), (log, state) = _run(tmp_path / "one"), _run(tmp_path / "two")
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in expected_log], rel=1e-5)
+    assert log[-1]["alpha"] == expected_log[-1]["alpha"] > 0
+    for name, value in expected["model"].items():
+        torch.testing.assert_close(state["model"][name], value, rtol=1e-4, atol=1e-3, msg=name)

@@ -121,10 +121,8 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
     if cfg.run.objective == "cosmos":
         out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding,
                     reference_attention=reference)
-    else:  # the towers alone, on what the loss uses: clip both global crops and every caption, psd one of each
-        clip = cfg.run.objective == "clip"
-        out = model(global_crops if clip else global_crops[:1], local_crops[:0], captions if clip else captions[:1],
-                    cross_attention=False)
+    else:  # the towers alone: both global crops and every caption, the view pairs of COSMOS's CLIP term
+        out = model(global_crops, local_crops[:0], captions, cross_attention=False)
     if reference:
         out = {k: all_gather_with_grad(v, dim=1) if v.ndim == 3 else v for k, v in out.items()}
     image, text, scale = out["image"], out["text"], out["logit_scale"]
@@ -133,7 +131,7 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
             image, text, scale)
         return loss, {}
     gather = all_gather_no_grad if reference else (lambda x, dim: x)
-    if cfg.run.objective == "psd":
+    if cfg.run.objective == "psd":  # PSD's soft targets on each of clip's view pairs: the same compute as clip
         ramp = cfg.psd.ramp_steps or cfg.run.steps
         alpha = cfg.psd.alpha_max * min(1.0, step / ramp)
         # the soft subset of the whole global batch, from (seed, micro-step): any number of ranks draws the same
@@ -145,14 +143,19 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
             soft_mask = soft_mask[rank * n:(rank + 1) * n]
         # targets softened by a detached similarity: the student's own (at half its temperature) or the teacher's
         if cfg.psd.source == "self":
-            source = (image[0].detach(), text[0].detach(), 2 * scale.detach())
+            source_image, source_text, source_scale = image.detach(), text.detach(), 2 * scale.detach()
         else:
             with torch.no_grad():
-                source = (gather(F.normalize(teacher.module.encode_image(global_crops[0])[0], dim=-1), dim=0),
-                          gather(F.normalize(teacher.module.encode_text(captions[0])[0], dim=-1), dim=0),
-                          teacher.module.logit_scale.exp())
-        loss = (contrastive_loss_reference if reference else cosmos_fast.contrastive_loss)(
-            image[0], text[0], scale, teacher=source, alpha=alpha, soft_mask=soft_mask)
+                G, C, B = global_crops.shape[0], captions.shape[0], global_crops.shape[1]
+                source_image = gather(F.normalize(teacher.module.encode_image(global_crops.flatten(0, 1))[0],
+                                                  dim=-1).view(G, B, -1), dim=1)
+                source_text = gather(F.normalize(teacher.module.encode_text(captions.flatten(0, 1))[0],
+                                                 dim=-1).view(C, B, -1), dim=1)
+                source_scale = teacher.module.logit_scale.exp()
+        contrastive = contrastive_loss_reference if reference else cosmos_fast.contrastive_loss
+        pairs = [(p, q) for p in range(image.shape[0]) for q in range(text.shape[0])]
+        loss = sum(contrastive(image[p], text[q], scale, teacher=(source_image[p], source_text[q], source_scale),
+                               alpha=alpha, soft_mask=soft_mask) for p, q in pairs) / len(pairs)
         return loss, {"alpha": torch.tensor(alpha)}
     with torch.no_grad():
         B = global_crops.shape[1]
