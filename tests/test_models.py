@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cosmos_fast.models import CosmosModel, Tokenizer, config, load_open_clip_weights, trim_to_longest
+from cosmos_fast.models.cosmos import conv_stem
 
 CAPTIONS = ["a red circle", "a large blue square at the top left of a gray picture", "two shapes",
             "the background is black and there is a small yellow triangle"]
@@ -91,6 +92,39 @@ def test_padding_masked_output_equals_output_without_padding(tiny):
                 torch.testing.assert_close(batched[key][:, b], alone[key][:, 0], rtol=1e-10, atol=1e-12, msg=key)
         unmasked = tiny(global_crops, local_crops, captions, mask_padding=False)
     assert not torch.allclose(unmasked["cross_image"], batched["cross_image"])  # upstream attends to padding
+
+
+@pytest.mark.parametrize("patch_size,width", [(8, 192), (16, 768), (2, 5)])
+def test_conv_stem_replaces_the_patch_projection(patch_size, width):
+    """log2(patch) stride-2 convolutions, widths doubling up to the model's: the same token grid as the patch
+    projection it replaces, and a float64 forward that a hand-run of its layers reproduces."""
+    torch.manual_seed(0)
+    stem = conv_stem(width, patch_size).double()
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == patch_size.bit_length() - 1 and convs[-1].out_channels == width
+    assert all(c.stride == (2, 2) and c.kernel_size == (3, 3) for c in convs)
+    x = torch.randn(2, 3, 4 * patch_size, 2 * patch_size, dtype=torch.float64)
+    expected = x
+    for i, conv in enumerate(convs):
+        expected = torch.nn.functional.conv2d(expected, conv.weight, conv.bias, stride=2, padding=1)
+        expected = torch.nn.functional.gelu(expected) if i < len(convs) - 1 else expected
+    out = stem(x)
+    assert out.shape == (2, width, 4, 2)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("patch_size", [1, 6, 12])
+def test_conv_stem_needs_a_power_of_two_patch(patch_size):
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        conv_stem(64, patch_size)
+
+
+def test_tiny_model_has_the_conv_stem_and_vit_b16_the_patch_projection():
+    tiny = CosmosModel(config("tiny", image_size=48))
+    assert isinstance(tiny.visual.patch_embed.proj, torch.nn.Sequential)
+    assert tiny.encode_image(torch.randn(2, 3, 48, 48))[1].shape == (2, 36, 192)
+    assert tiny.encode_image(torch.randn(2, 3, 24, 24))[1].shape == (2, 9, 192)  # a local crop
+    assert not config("vit-b16").conv_stem
 
 
 def test_logit_scales_are_clamped():

@@ -32,6 +32,7 @@ class CosmosConfig:
     cross_heads: int = 8
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
+    conv_stem: bool = False  # stride-2 3x3 convolutions instead of the linear patch projection (see conv_stem)
 
 
 CONFIGS = {
@@ -39,7 +40,7 @@ CONFIGS = {
     # small enough to train on 2 CPU cores in minutes
     "tiny": CosmosConfig(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3,
                          context_length=32, text_width=128, text_layers=4, text_heads=4, embed_dim=128,
-                         cross_heads=4),
+                         cross_heads=4, conv_stem=True),
 }
 
 
@@ -67,6 +68,22 @@ def trim_to_longest(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, : int(ids.argmax(dim=-1).max()) + 1]
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch_size) stride-2 3x3 convolutions (GELU between; widths doubling up to ``width``): [B, 3, S, S] ->
+    [B, width, S / patch_size, S / patch_size], a drop-in for the ViT's patch projection. Xiao et al. 2021 ("Early
+    convolutions help transformers see better"): trained from scratch, a ViT with it learns shape much sooner
+    (the tiny tower on the shapes, supervised for 200 steps: 62% of held-out classes right, against 33% with the
+    linear 8 px projection; ``train/RESULTS.md``)."""
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 2 ** n != patch_size:
+        raise ValueError(f"conv_stem needs a power-of-two patch_size of at least 2, got {patch_size}")
+    widths = [3] + [max(1, width >> (n - 1 - i)) for i in range(n)]
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)] + ([nn.GELU()] if i < n - 1 else [])
+    return nn.Sequential(*layers)
+
+
 class CosmosModel(nn.Module):
     def __init__(self, cfg: CosmosConfig):
         super().__init__()
@@ -75,6 +92,8 @@ class CosmosModel(nn.Module):
                                         embed_dim=cfg.vision_width, depth=cfg.vision_layers,
                                         num_heads=cfg.vision_heads, num_classes=0, pre_norm=True,
                                         dynamic_img_size=True, norm_layer=nn.LayerNorm)  # CLIP's eps, 1e-5
+        if cfg.conv_stem:
+            self.visual.patch_embed.proj = conv_stem(cfg.vision_width, cfg.patch_size)
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                                     width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
