@@ -52,6 +52,15 @@ def test_upstream_recipe_config():
     assert cfg.run.objective == "cosmos" and cfg.run.steps * cfg.data.batch_size >= 32 * 2_800_000
 
 
+def test_simla_config_is_the_default_job_with_simla_settings():
+    """simla-tiny-cpu.yaml (the SIMLA main job of train/RESULTS_SIMLA.md) differs from tiny-cpu.yaml only where
+    it says so."""
+    simla, default = config.load(CONFIGS / "simla-tiny-cpu.yaml"), config.load(CONFIGS / "tiny-cpu.yaml")
+    assert (simla.run.objective, simla.run.steps, simla.simla.queue_size) == ("simla", 400, 1024)
+    assert (simla.data, simla.optim, simla.teacher, simla.model) == (default.data, default.optim, default.teacher,
+                                                                     default.model)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         config.load(tmp_path / "nope.yaml")
