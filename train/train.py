@@ -108,6 +108,16 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+@torch.no_grad()
+def teacher_embeddings(teacher, crops, captions, gather):
+    """The EMA teacher's normalised embeddings of crops [G, B, 3, S, S] and captions [C, B, L]: ([G, B', E],
+    [C, B', E]), B' = B, or the whole batch where ``gather`` collects the ranks' rows (dim 1)."""
+    (G, B), C = crops.shape[:2], captions.shape[0]
+    image = F.normalize(teacher.module.encode_image(crops.flatten(0, 1))[0], dim=-1).view(G, B, -1)
+    text = F.normalize(teacher.module.encode_text(captions.flatten(0, 1))[0], dim=-1).view(C, B, -1)
+    return gather(image, dim=1), gather(text, dim=1)
+
+
 def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, micro_step, cfg):
     """(loss to backpropagate, {name: detached part}) of the configured objective on this rank's rows.
 
@@ -145,23 +155,14 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
         if cfg.psd.source == "self":
             source_image, source_text, source_scale = image.detach(), text.detach(), 2 * scale.detach()
         else:
-            with torch.no_grad():
-                G, C, B = global_crops.shape[0], captions.shape[0], global_crops.shape[1]
-                source_image = gather(F.normalize(teacher.module.encode_image(global_crops.flatten(0, 1))[0],
-                                                  dim=-1).view(G, B, -1), dim=1)
-                source_text = gather(F.normalize(teacher.module.encode_text(captions.flatten(0, 1))[0],
-                                                 dim=-1).view(C, B, -1), dim=1)
-                source_scale = teacher.module.logit_scale.exp()
+            source_image, source_text = teacher_embeddings(teacher, global_crops, captions, gather)
+            source_scale = teacher.module.logit_scale.exp()
         contrastive = contrastive_loss_reference if reference else cosmos_fast.contrastive_loss
         pairs = [(p, q) for p in range(image.shape[0]) for q in range(text.shape[0])]
         loss = sum(contrastive(image[p], text[q], scale, teacher=(source_image[p], source_text[q], source_scale),
                                alpha=alpha, soft_mask=soft_mask) for p, q in pairs) / len(pairs)
         return loss, {"alpha": torch.tensor(alpha)}
-    with torch.no_grad():
-        B = global_crops.shape[1]
-        t_image = F.normalize(teacher.module.encode_image(global_crops.flatten(0, 1))[0], dim=-1).view(2, B, -1)
-        t_text = F.normalize(teacher.module.encode_text(captions[:2].flatten(0, 1))[0], dim=-1).view(2, B, -1)
-        t_image, t_text = gather(t_image, dim=1), gather(t_text, dim=1)
+    t_image, t_text = teacher_embeddings(teacher, global_crops, captions[:2], gather)
     if reference:
         distill = out["distill_logit_scale"]
         clip = multiview_contrastive_loss_reference(image[:2], text, scale)
