@@ -7,10 +7,11 @@ which cosmos_fast hands to SDPA). Two levels:
   backends (flash, efficient, cuDNN, math; a backend that refuses the inputs is reported as such), xformers'
   memory-efficient attention where installed;
 - "pooler": LayerNorms, projections, attention, out-projection, residual and L2 norm under bf16 autocast:
-  ``cosmos_fast.nn.CrossAttentionPooler`` eager (one fused autograd node), under ``torch.compile`` and under
-  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: what is left once no launch costs CPU time), the eager
-  ``nn.MultiheadAttention`` pooler of upstream COSMOS, and ``torch.compile`` of it.
-Ours is checked against the float64 reference on the GPU first. Results: ``benchmarks/results/cross_attention``.
+  ``cosmos_fast.nn.CrossAttentionPooler`` eager (one autograd node in the form its rule picks), each single-node
+  form forced (context space: K and V never formed; projected K/V: the Triton attention kernel), the module under
+  ``torch.compile`` and under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: what is left once no launch
+  costs CPU time), the eager ``nn.MultiheadAttention`` pooler of upstream COSMOS, and ``torch.compile`` of it.
+Ours (the attention op and both pooler forms) is checked against the float64 reference on the GPU first. Results: ``benchmarks/results/cross_attention``.
 
 Usage: python benchmarks/bench_cross_attention.py [--quick]
 """
@@ -26,6 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import bench_args, bar_plot, measure, print_table, require_cuda, save_results
 
 import cosmos_fast
+from cosmos_fast.ops.attention import pooler as pooler_ops
+from cosmos_fast.ops.attention import triton_kernels
 from cosmos_fast.ops.attention.reference import cross_attention_reference
 
 NAME = "cross_attention"
@@ -101,14 +104,45 @@ def pooler_inputs(B, Lq, Lk):
     return make
 
 
-def pooler_step(module):
+def pooler_step(module, form=None):
+    """fwd+bwd of ``module`` under bf16 autocast; with ``form``, that single-node form of our pooler forced."""
     params = list(module.parameters())
+
+    def forward(query, context, mask):
+        if form is None:
+            return module(query, context, mask)
+        return pooler_ops.fused_pooler(query, context, mask, module.ln_q, module.ln_k, module.attn, residual=True,
+                                       normalize=True, form=form)
 
     def run(query, context, mask, grad):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = module(query, context, mask)
+            out = forward(query, context, mask)
         return torch.autograd.grad(out, [query, context] + params, grad.to(out.dtype))
     return run
+
+
+def check_pooler(form: str) -> dict:
+    """One pooler form under bf16 autocast against the float64 nn.MultiheadAttention pooler (upstream's forward over
+    the same parameters) at a COSMOS shape: relative error of the output and of every gradient."""
+    B, Lq, Lk = 64, 8, 196
+    ours = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda()
+    reference = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda().double()
+    reference.load_state_dict(ours.state_dict())
+    query, context, mask, grad = pooler_inputs(B, Lq, Lk)()
+    leaves = [query, context, *ours.parameters()]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = pooler_ops.fused_pooler(query, context, mask, ours.ln_q, ours.ln_k, ours.attn, residual=True,
+                                      normalize=True, form=form)
+    grads = torch.autograd.grad(out, leaves, grad)
+    leaves64 = [query.detach().double().requires_grad_(), context.detach().double().requires_grad_(),
+                *reference.parameters()]
+    out64 = reference(*leaves64[:2], mask, reference=True)
+    grads64 = torch.autograd.grad(out64, leaves64, grad.double())
+    names = ["out", "query", "context"] + [n for n, _ in ours.named_parameters()]
+    errors = {name: ((a.double() - b).norm() / b.norm()).item()
+              for name, a, b in zip(names, (out, *grads), (out64, *grads64))}
+    return {"case": f"pooler {form} B={B} Lk={Lk}", "dtype": "bf16 autocast", "errors": errors,
+            "passed": max(errors.values()) < 2e-2}
 
 
 def check() -> dict:
@@ -131,8 +165,9 @@ def check() -> dict:
 def main() -> int:
     args = bench_args(__doc__.splitlines()[0]).parse_args()
     require_cuda("bench_cross_attention")
-    checks = [check()]
-    print(f"check: {checks[0]}")
+    checks = [check()] + [check_pooler(form) for form in pooler_ops.FORMS]
+    for result in checks:
+        print(f"check: {result}")
     notes = []
     xformers_run = xformers_attention()
     if xformers_run is None:
@@ -151,7 +186,11 @@ def main() -> int:
              SDPBackend.MATH)]
         if xformers_run is not None:
             attention.append(("xformers", xformers_run))
-        poolers = [("cosmos_fast pooler", pooler_step(ours_pooler)),
+        # each single-node form forced (the Triton kernel behind the projected-K/V form takes Lq <= 64)
+        forms = [form for form in pooler_ops.FORMS
+                 if form != "projected_kv" or triton_kernels.supports(Lq, D_MODEL // HEADS, torch.bfloat16)]
+        poolers = [("cosmos_fast pooler", pooler_step(ours_pooler))] + [
+                   (f"cosmos_fast pooler, {form} form", pooler_step(ours_pooler, form)) for form in forms] + [
                    ("torch.compile cosmos_fast pooler", pooler_step(compiled_ours)),
                    ("cosmos_fast pooler, compile reduce-overhead", pooler_step(graphed_ours)),
                    ("eager MHA pooler", pooler_step(mha)), ("torch.compile MHA pooler", pooler_step(compiled_mha))]
@@ -171,7 +210,7 @@ def main() -> int:
              label=("label", "impl"), values=("ms",), title=f"cross-attention fwd+bwd, {torch.cuda.get_device_name()}")
     print()
     print_table(rows, ["case", "N", "Lq", "Lk", "impl", "ms", ("peak_gib", "GiB"), "goal", "met", "status"])
-    if not checks[0]["passed"]:
+    if not all(result["passed"] for result in checks):
         print("ACCURACY CHECK FAILED")
         return 1
     return 0

@@ -30,6 +30,17 @@ def check_same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | 
             raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
+def check_key_padding_mask(mask, batch: int, n_keys: int) -> None:
+    """None, or a bool [batch, n_keys] tensor (True = padding)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor [B, Lk], got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != (batch, n_keys):
+        raise ValueError(f"key_padding_mask must have shape [{batch}, {n_keys}], got {tuple(mask.shape)}")
+
+
 def as_scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
     """A 0-d floating tensor from a Python number or a one-element tensor (autograd kept)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):

@@ -6,6 +6,8 @@ from accuracy import assert_accurate
 from torch import nn
 
 import cosmos_fast
+from cosmos_fast import _dispatch
+from cosmos_fast.ops.attention import pooler as pooler_ops
 from cosmos_fast.ops.attention.reference import cross_attention_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -81,6 +83,7 @@ def test_opcheck(backend):
 
 
 Q, K = torch.zeros(2, 8, 2, 16), torch.zeros(2, 20, 2, 16)
+POOLER = cosmos_fast.nn.CrossAttentionPooler(32, 4)
 
 
 @pytest.mark.parametrize("call,error,words", [
@@ -94,11 +97,34 @@ Q, K = torch.zeros(2, 8, 2, 16), torch.zeros(2, 20, 2, 16)
      "key_padding_mask must have shape [2, 20]"),
     (lambda: cosmos_fast.cross_attention(Q, K, K, scale=-1.0), ValueError, "scale must be a positive float"),
     (lambda: cosmos_fast.nn.CrossAttentionPooler(60, 8), ValueError, "divisible by n_heads"),
+    (lambda: POOLER(torch.zeros(2, 8, 16), torch.zeros(2, 20, 32)), ValueError, "query must have shape [B, Lq, d_model=32]"),
+    (lambda: POOLER(torch.zeros(2, 32), torch.zeros(2, 20, 32)), ValueError, "query must have 3 dimensions"),
+    (lambda: POOLER(torch.zeros(2, 8, 32), torch.zeros(3, 20, 32)), ValueError, "context must have shape [B=2, Lk"),
+    (lambda: POOLER(torch.zeros(2, 8, 32), torch.zeros(2, 20, 16)), ValueError, "kdim=32"),
+    (lambda: POOLER(torch.zeros(2, 8, 32).long(), torch.zeros(2, 20, 32)), TypeError, "query must be a floating"),
+    (lambda: POOLER(torch.zeros(2, 8, 32), torch.zeros(2, 20, 32), torch.zeros(2, 19, dtype=torch.bool)),
+     ValueError, "key_padding_mask must have shape [2, 20]"),
+    (lambda: POOLER(torch.zeros(2, 8, 32), torch.zeros(2, 20, 32), torch.zeros(2, 20)), TypeError,
+     "key_padding_mask must be a bool"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error) as info:
         call()
     assert words in str(info.value)
+
+
+@pytest.fixture(params=["torch", "context_space", "projected_kv"])
+def pooler_path(request, monkeypatch):
+    """Runs a pooler test on each of its paths: the PyTorch composition, and each single-node form of the fast
+    backend (which the Triton interpreter runs on CPU tensors)."""
+    if request.param == "torch":
+        monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+        return request.param
+    if not (_dispatch.triton_available() and _dispatch.triton_interpreted()):
+        pytest.skip("the fast backend on CPU tensors needs triton and TRITON_INTERPRET=1")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    monkeypatch.setattr(pooler_ops, "pooler_form", lambda query, n_heads: request.param)
+    return request.param
 
 
 class MultiheadAttentionPooler(nn.Module):
@@ -146,7 +172,101 @@ def test_pooler_matches_multihead_attention(kdim, masked):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_pooler_fp32_matches_float64(backend):
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (8, 77), (25, 30)])
+@pytest.mark.parametrize("kdim", [None, 48], ids=["kdim=d", "kdim!=d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["upstream-unmasked", "padding-masked"])
+def test_context_space_form_equals_multihead_attention_in_float64(Lq, Lk, kdim, masked):
+    """The key and value projections moved around the attention give the same function: float64 output and every
+    gradient equal upstream's nn.MultiheadAttention pooler to rounding (odd batch, a fully masked sample)."""
+    torch.manual_seed(Lq)
+    reference = MultiheadAttentionPooler(64, 8, kdim).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = cosmos_fast.nn.CrossAttentionPooler(64, 8, kdim).double()
+    ours.load_state_dict(reference.state_dict())
+    query = torch.randn(5, Lq, 64, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(5, Lk, kdim or 64, dtype=torch.float64, requires_grad=True)
+    mask = padding_mask(5, Lk, seed=Lk) if masked else None
+    out_ref = reference(query, context, mask)
+    grad = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, [query, context, *reference.parameters()], grad)
+    out = pooler_ops.fused_pooler(query, context, mask, ours.ln_q, ours.ln_k, ours.attn, residual=True,
+                                  normalize=True, form="context_space")
+    grads = torch.autograd.grad(out, [query, context, *ours.parameters()], grad)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+    names = ["query", "context"] + [n for n, _ in ours.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_context_space_key_bias_has_exactly_zero_gradient():
+    """The key bias adds a constant to each query's scores, which the softmax removes: the context-space form
+    gives its true gradient, exactly zero, and the output does not depend on it."""
+    torch.manual_seed(4)
+    pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4).double()
+    query, context = torch.randn(3, 8, 32, dtype=torch.float64), torch.randn(3, 20, 32, dtype=torch.float64)
+
+    def run():
+        return pooler_ops.fused_pooler(query, context, None, pooler.ln_q, pooler.ln_k, pooler.attn, residual=True,
+                                       normalize=True, form="context_space")
+    out = run()
+    (grad_bias,) = torch.autograd.grad(out.square().sum(), [pooler.attn.in_proj_bias])
+    assert torch.equal(grad_bias[32:64], torch.zeros(32, dtype=torch.float64))
+    assert grad_bias[:32].abs().sum() > 0 and grad_bias[64:].abs().sum() > 0
+    with torch.no_grad():
+        pooler.attn.in_proj_bias[32:64] += 5.0
+    torch.testing.assert_close(run(), out, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (8, 77), (8, 196), (25, 257)])
+@pytest.mark.parametrize("form", ["context_space", "projected_kv"])
+def test_pooler_forms_follow_the_accuracy_rule(form, Lq, Lk, dtype, monkeypatch):
+    """Each single-node form, all inputs and parameters in ``dtype``, against the float64 nn.MultiheadAttention
+    pooler: output and the gradients of query, context and every parameter within kernels.md's accuracy rule
+    (the plain module in the same dtype sets the budget)."""
+    if not (_dispatch.triton_available() and _dispatch.triton_interpreted()):
+        pytest.skip("the fast backend on CPU tensors needs triton and TRITON_INTERPRET=1")
+    torch.manual_seed(Lq + Lk)
+    reference = MultiheadAttentionPooler(64, 4, 48)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = cosmos_fast.nn.CrossAttentionPooler(64, 4, 48)
+    ours.load_state_dict(reference.state_dict())
+    names = [n for n, _ in reference.named_parameters()]
+    mask = padding_mask(3, Lk, seed=Lk)
+    leaves = [torch.randn(3, Lq, 64, dtype=torch.float64), torch.randn(3, Lk, 48, dtype=torch.float64)]
+    leaves += [p.detach().double() for p in reference.parameters()]
+
+    def call(module):
+        return lambda query, context, *params: torch.func.functional_call(module, dict(zip(names, params)),
+                                                                          (query, context, mask))
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    monkeypatch.setattr(pooler_ops, "pooler_form", lambda query, n_heads: form)
+    assert_accurate(call(ours), call(reference), leaves, dtype, ["query", "context", *names], fp32_tail=0)
+
+
+@pytest.mark.parametrize("Lq,H,d,dtype,form", [
+    (8, 8, 512, torch.bfloat16, "context_space"),  # COSMOS: 64 projected queries against d = 512
+    (64, 8, 512, torch.float32, "context_space"),
+    (25, 8, 64, torch.bfloat16, "projected_kv"),
+    (33, 4, 128, torch.float32, "projected_kv"),
+    (257, 8, 512, torch.bfloat16, None),  # too many queries for either: the composition (SDPA)
+])
+def test_pooler_form_follows_the_flop_rule(Lq, H, d, dtype, form):
+    assert pooler_ops.pooler_form(torch.empty(2, Lq, d, dtype=dtype), H) == form
+
+
+def test_pooler_forms_reject_an_unknown_form():
+    pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4)
+    with pytest.raises(ValueError, match="form must be one of"):
+        pooler_ops.fused_pooler(torch.randn(2, 3, 32), torch.randn(2, 5, 32), None, pooler.ln_q, pooler.ln_k,
+                                pooler.attn, residual=True, normalize=True, form="kv")
+
+
+def test_pooler_fp32_matches_float64(pooler_path):
     """The pooler on the fast path (fp32) against the float64 nn.MultiheadAttention pooler."""
     torch.manual_seed(1)
     reference = MultiheadAttentionPooler(64, 8, 48).double()
@@ -186,7 +306,7 @@ def test_pooler_compiles_without_graph_breaks(backend):
 
 @pytest.mark.parametrize("residual,normalize", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("kdim", [None, 40], ids=["kdim=d", "kdim!=d"])
-def test_pooler_options_match_float64(backend, residual, normalize, kdim, monkeypatch):
+def test_pooler_options_match_float64(pooler_path, residual, normalize, kdim, monkeypatch):
     """Every forward option, on both paths (the Triton one is the fused single-node pooler), against float64."""
     torch.manual_seed(2)
     reference = cosmos_fast.nn.CrossAttentionPooler(64, 4, kdim).double()
@@ -211,7 +331,7 @@ def test_pooler_options_match_float64(backend, residual, normalize, kdim, monkey
         torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_pooler_bf16_autocast_matches_float64(backend, monkeypatch):
+def test_pooler_bf16_autocast_matches_float64(pooler_path, monkeypatch):
     """Under bf16 autocast (GEMMs and attention in bf16, LayerNorms and the normalisation in fp32) both paths
     stay within bf16 rounding of the float64 pooler, and every gradient comes back in the parameters' fp32."""
     torch.manual_seed(3)

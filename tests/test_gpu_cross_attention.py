@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from accuracy import assert_accurate
 
 import cosmos_fast
+from cosmos_fast.ops.attention import pooler as pooler_ops
 from cosmos_fast.ops.attention.reference import cross_attention_reference
 
 pytestmark = pytest.mark.gpu
@@ -46,10 +47,12 @@ def test_sdpa_path_compiles_fullgraph():
     torch.testing.assert_close(compiled(q, k, v, mask), cosmos_fast.cross_attention(q, k, v, mask))
 
 
+@pytest.mark.parametrize("form", ["context_space", "projected_kv"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("B,Lk,kdim", [(33, 77, 512), (16, 196, 768)])
-def test_fused_pooler_matches_float64(B, Lk, kdim, autocast):
-    """The single-node fused pooler (eager, Triton backend) against the float64 pooler: output and every gradient."""
+def test_fused_pooler_matches_float64(B, Lk, kdim, autocast, form, monkeypatch):
+    """Each single-node form of the pooler (eager, CUDA) against the float64 pooler: output and every gradient."""
+    monkeypatch.setattr(pooler_ops, "pooler_form", lambda query, n_heads: form)
     torch.manual_seed(0)
     ours = cosmos_fast.nn.CrossAttentionPooler(512, 8, kdim).cuda()
     reference = cosmos_fast.nn.CrossAttentionPooler(512, 8, kdim).cuda().double()
@@ -71,3 +74,8 @@ def test_fused_pooler_matches_float64(B, Lk, kdim, autocast):
         assert x.dtype == torch.float32, name
         error = ((x.double() - x64).norm() / x64.norm()).item()
         assert error < tolerance, f"{name}: relative error {error:.2e}"
+
+
+def test_cosmos_pooler_takes_the_context_space_form():
+    pooler = cosmos_fast.nn.CrossAttentionPooler(512, 8).cuda()
+    assert pooler._fused_form(torch.randn(4, 8, 512, device="cuda")) == "context_space"

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import select_backend
+from .._validation import check_float_tensor, check_key_padding_mask, check_same_device
 from ..ops.attention import cross_attention
 
 
@@ -16,7 +17,11 @@ class CrossAttentionPooler(nn.Module):
     Parameters carry upstream's names (``ln_q``, ``ln_k``, and ``attn`` with ``nn.MultiheadAttention``'s own:
     ``in_proj_weight``/``in_proj_bias``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when
     ``kdim != d_model``, and ``out_proj``), so a checkpoint of an ``nn.MultiheadAttention``-based pooler loads
-    unchanged. ``attn`` holds the parameters; the attention itself runs :func:`cosmos_fast.cross_attention`.
+    unchanged. ``attn`` holds the parameters, not the computation: on the fast backend (CUDA tensors, eager mode)
+    the whole forward runs as one autograd node, in the context's feature space where ``n_heads * Lq <= d_model``
+    (the key projection moved onto the queries and the value projection after the weighted sum, so K and V are
+    never formed; ``ops.attention.pooler``), else on the Triton attention kernel; elsewhere the attention runs
+    :func:`cosmos_fast.cross_attention`.
 
     forward(query [B, Lq, d_model], context [B, Lk, kdim], key_padding_mask [B, Lk] bool or None (True =
     padding; None reproduces upstream COSMOS, which attends to padding), residual=True, normalize=True,
@@ -34,13 +39,28 @@ class CrossAttentionPooler(nn.Module):
         self.ln_k = nn.LayerNorm(kdim)
         self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=kdim, vdim=kdim, batch_first=True)
 
-    def _fused(self, query) -> bool:
-        """Whether the whole forward runs as one autograd node on the Triton kernels (eager calls on the Triton
-        backend; under torch.compile the composition below, whose attention is one custom op, fuses better)."""
-        from ..ops.attention.pooler import fused_pooler_supported
+    def _fused_form(self, query) -> str | None:
+        """The single-autograd-node form the whole forward runs in (``ops.attention.pooler.pooler_form``) on the
+        fast backend in eager mode, or None for the composition below (the PyTorch path; under torch.compile, whose
+        attention is one custom op, the composition fuses better)."""
+        from ..ops.attention.pooler import pooler_form
 
-        return (not torch.compiler.is_compiling() and self.attn.in_proj_bias is not None
-                and select_backend(query, supported=fused_pooler_supported(query, self.n_heads)) == "triton")
+        if torch.compiler.is_compiling() or self.attn.in_proj_bias is None:
+            return None
+        form = pooler_form(query, self.n_heads)
+        return form if select_backend(query, supported=form is not None) == "triton" else None
+
+    def _check_inputs(self, query, context, key_padding_mask):
+        check_float_tensor("query", query, 3)
+        check_float_tensor("context", context, 3)
+        check_same_device("query", query, context=context, key_padding_mask=key_padding_mask)
+        d, kdim = self.attn.embed_dim, self.attn.kdim
+        if query.shape[-1] != d:
+            raise ValueError(f"query must have shape [B, Lq, d_model={d}], got {tuple(query.shape)}")
+        if context.shape[0] != query.shape[0] or context.shape[-1] != kdim:
+            raise ValueError(f"context must have shape [B={query.shape[0]}, Lk, kdim={kdim}], got "
+                             f"{tuple(context.shape)}")
+        check_key_padding_mask(key_padding_mask, query.shape[0], context.shape[1])
 
     def _projections(self):
         attn = self.attn
@@ -54,11 +74,13 @@ class CrossAttentionPooler(nn.Module):
 
     def forward(self, query, context, key_padding_mask=None, residual: bool = True, normalize: bool = True,
                 reference: bool = False):
-        if not reference and self._fused(query):
+        self._check_inputs(query, context, key_padding_mask)
+        form = None if reference else self._fused_form(query)
+        if form is not None:
             from ..ops.attention.pooler import fused_pooler
 
             return fused_pooler(query, context, key_padding_mask, self.ln_q, self.ln_k, self.attn,
-                                residual=residual, normalize=normalize)
+                                residual=residual, normalize=normalize, form=form)
         q_in, kv_in = self.ln_q(query), self.ln_k(context)
         if reference:  # upstream's module: nn.MultiheadAttention's own forward over the same parameters
             out = self.attn(q_in, kv_in, kv_in, key_padding_mask=key_padding_mask, need_weights=False)[0]

@@ -1,10 +1,9 @@
 """Public cross-attention: argument checks and the backend call."""
 from __future__ import annotations
 
-import torch
 
 from ..._dispatch import select_backend
-from ..._validation import check_float_tensor, check_same_device, check_same_dtype
+from ..._validation import check_float_tensor, check_key_padding_mask, check_same_device, check_same_dtype
 from . import torch_impl
 
 
@@ -33,13 +32,7 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
     B, _, H, Dh = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, Dh):
         raise ValueError(f"k must have shape [B={B}, Lk, H={H}, Dh={Dh}] to match q, got {tuple(k.shape)}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor [B, Lk], got "
-                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
-        if key_padding_mask.shape != (B, k.shape[1]):
-            raise ValueError(f"key_padding_mask must have shape [{B}, {k.shape[1]}], got "
-                             f"{tuple(key_padding_mask.shape)}")
+    check_key_padding_mask(key_padding_mask, B, k.shape[1])
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     scale = Dh ** -0.5 if scale is None else float(scale)

@@ -1,15 +1,25 @@
-"""The COSMOS pooler's whole forward and backward as one autograd node on the Triton attention kernels.
+"""The COSMOS pooler's whole forward and backward as one autograd node, in one of two forms.
 
 ``normalize(query + out_proj(attention(ln_q(query) W_q, ln_k(context) W_kv)))`` in eager mode costs, op by op,
 far more in dispatch (autograd nodes, autocast casts, the K/V split and head reshapes) than the GPU spends at
-COSMOS's sizes. Here one ``autograd.Function`` runs it with as few launches as the math allows: K and V come
-from one GEMM and reach the kernel as strided views of its output, the kernel writes dK and dV straight into
-one buffer for the one weight-gradient GEMM, and the input gradients of the projections are produced in fp32
-by the GEMM itself (``out_dtype``) for the LayerNorm backward, never as a separate cast of a large tensor.
+COSMOS's sizes. Both forms run it as one ``autograd.Function`` with as few launches as the math allows:
 
-Under autocast the GEMMs and the attention run in the autocast dtype and the LayerNorms, the residual and the
-normalisation in fp32, exactly as the eager ``nn.MultiheadAttention`` pooler does; parameter gradients come
-back in the parameters' dtype.
+- **context space** (``_ContextSpacePooler``): the key projection moves onto the queries and the value projection
+  after the weighted sum, so attention runs in the context's own feature space and K and V are never formed.
+  Per head h, ``q_h . (W_k,h x + b_k,h) = (q_h W_k,h) . x + const`` (the constant cancels in the softmax) and
+  ``sum_j p_j (W_v,h x_j + b_v,h) = W_v,h (sum_j p_j x_j) + b_v,h`` (the weights sum to one). A sample's
+  H * Lq projected queries attend over its Lk context rows as one batched GEMM each way, which costs
+  ``4 H Lq Lk kdim`` flops against the K/V projection's ``4 d Lk kdim``: 8x fewer for COSMOS (8 crops x 8 heads
+  against d = 512), and the [B, Lk, 2d] K/V tensor (411 MB at B = 1024, Lk = 196) is never written or read.
+  The key bias gets an exactly zero gradient, which is its true gradient (it cannot change the output).
+- **projected K/V** (``_ProjectedKVPooler``): the textbook order on the Triton attention kernel. K and V come from
+  one GEMM and reach the kernel as strided views of its output, the kernel writes dK and dV straight into one
+  buffer for the one weight-gradient GEMM. For query sets too large for the context-space form to pay off.
+
+In both, the input gradients of the projections come out of the GEMM in fp32 (``out_dtype``) for the LayerNorm
+backward, never as a separate cast of a large tensor. Under autocast the GEMMs and the attention products run
+in the autocast dtype and the LayerNorms, the softmax, the residual and the normalisation in fp32, as the eager
+``nn.MultiheadAttention`` pooler does; parameter gradients come back in the parameters' dtype.
 """
 from __future__ import annotations
 
@@ -21,102 +31,241 @@ NORM_EPS = 1e-12  # F.normalize's
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b in a's dtype, accumulated and returned in ``out_dtype`` (without a rounded intermediate)."""
+    """a @ b (2-d or batched 3-d) in a's dtype, accumulated and returned in ``out_dtype`` (without a rounded
+    intermediate on CUDA)."""
     if a.dtype == out_dtype:
         return a @ b
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and out_dtype == torch.float32:
-        return torch.mm(a, b, out_dtype=out_dtype)
+        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=out_dtype)
     return (a @ b).to(out_dtype)
 
 
-class _FusedPooler(torch.autograd.Function):
-    """Inputs are the modules' own parameters, whole: ``w_in`` is ``in_proj_weight`` [3d, d] (or None, with
-    ``w_q``/``w_k``/``w_v`` when kdim != d), ``b_in`` is ``in_proj_bias`` [3d]. Each is cast to the compute
-    dtype once and sliced (slicing inside autograd would cost a zero-filled gradient per slice), the casts are
-    kept for the backward, and each parameter's gradient comes back as one tensor."""
+def _projection_weights(w_in, w_q, w_k, w_v, b_in, w_o, b_o, d, dt):
+    """The projection parameters in the compute dtype, each cast once: (W_q, W_kv [2d, kdim], b_in, W_o, b_o).
 
+    Casting whole parameters and slicing the casts (slicing inside autograd would cost a zero-filled gradient per
+    slice); the casts are kept for the backward."""
+    if w_in is not None:
+        w_in_dt = w_in.to(dt)
+        w_q_dt, w_kv_dt = w_in_dt[:d], w_in_dt[d:]
+    else:
+        w_q_dt, w_kv_dt = w_q.to(dt), torch.cat([w_k, w_v]).to(dt)
+    return w_q_dt, w_kv_dt, b_in.to(dt), w_o.to(dt), b_o.to(dt)
+
+
+def _empty_samples(key_padding_mask):
+    """[B, 1, 1] bool: samples whose context tokens are all padding (None without a mask)."""
+    return None if key_padding_mask is None else key_padding_mask.all(dim=1)[:, None, None]
+
+
+def _epilogue(query, out, empty, residual, normalize):
+    """out [B, Lq, d] -> (y, norm): zeros for samples without context, residual add, L2 normalisation."""
+    if empty is not None:  # a sample without any context token gets no contribution (not the projections' biases)
+        out = out.masked_fill(empty, 0.0)
+    y = query + out if residual else out
+    norm = None
+    if normalize:
+        norm_dtype = torch.promote_types(y.dtype, torch.float32)
+        norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=norm_dtype).clamp_min(NORM_EPS)
+        y = y / norm
+    return y, norm
+
+
+def _epilogue_backward(grad, y, norm, empty, query_dtype, residual, normalize, dt):
+    """The gradient reaching the out-projection ([B * Lq, d] in the compute dtype) and the residual's."""
+    B, Lq, d = grad.shape
+    if normalize:  # y = x / max(|x|, eps): dx = (g - y <g, y>) / |x|, or g / eps where the clamp held
+        grad = (grad - y * ((grad * y).sum(-1, keepdim=True) * (norm > NORM_EPS))) / norm
+    grad_query = grad.to(query_dtype) if residual else None
+    if empty is not None:
+        grad = grad.masked_fill(empty, 0.0)
+    return grad.reshape(B * Lq, d).to(dt), grad_query
+
+
+def _layer_norms(query, context, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, eps_q, eps_k, dt):
+    """LayerNorm of both inputs in their own dtype, cast to the compute dtype: (x_q [B * Lq, d], x_kv [B, Lk, kdim],
+    stats), where stats = (mean_q, rstd_q, mean_k, rstd_k) are what ``_layer_norm_backward`` needs."""
+    d, kdim = query.shape[-1], context.shape[-1]
+    ln_q, mean_q, rstd_q = torch.native_layer_norm(query, (d,), ln_q_weight, ln_q_bias, eps_q)
+    ln_k, mean_k, rstd_k = torch.native_layer_norm(context, (kdim,), ln_k_weight, ln_k_bias, eps_k)
+    return ln_q.to(dt).view(-1, d), ln_k.to(dt), (mean_q, rstd_q, mean_k, rstd_k)
+
+
+def _layer_norm_backward(needs, grad_ln_q, grad_ln_k, grad_query, query, context, ln_params, stats):
+    """(d query, d context, d ln_q.weight, d ln_q.bias, d ln_k.weight, d ln_k.bias) through both LayerNorms;
+    ``needs`` is ctx.needs_input_grad."""
+    ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias = ln_params
+    mean_q, rstd_q, mean_k, rstd_k = stats
+    g_query, g_ln_q_w, g_ln_q_b = torch.ops.aten.native_layer_norm_backward(
+        grad_ln_q, query, query.shape[-1:], mean_q, rstd_q, ln_q_weight, ln_q_bias, [needs[0], needs[3], needs[4]])
+    g_context, g_ln_k_w, g_ln_k_b = torch.ops.aten.native_layer_norm_backward(
+        grad_ln_k, context, context.shape[-1:], mean_k, rstd_k, ln_k_weight, ln_k_bias,
+        [needs[1], needs[5], needs[6]])
+    if grad_query is not None and g_query is not None:
+        g_query = g_query + grad_query
+    return g_query, g_context, g_ln_q_w, g_ln_q_b, g_ln_k_w, g_ln_k_b
+
+
+def _parameter_grads(packed, d, grad_w_q, grad_w_kv, grad_b_in, b_in_dtype):
+    """(in_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight, in_proj_bias) gradients as the module has
+    them: one packed [3d, d] weight, or three when kdim != d."""
+    grad_b_in = grad_b_in.to(b_in_dtype)
+    if packed:
+        return torch.cat([grad_w_q, grad_w_kv]), None, None, None, grad_b_in
+    grad_w_k, grad_w_v = grad_w_kv.split(d)
+    return None, grad_w_q, grad_w_k, grad_w_v, grad_b_in
+
+
+# Both Functions take the modules' own parameters, whole: ``w_in`` is ``in_proj_weight`` [3d, d] (or None, with
+# ``w_q``/``w_k``/``w_v`` when kdim != d), ``b_in`` is ``in_proj_bias`` [3d]; each parameter's gradient comes back
+# as one tensor. ctx keeps the inputs and LayerNorm statistics as the first 10 saved tensors and ctx.config.
+
+def _save(ctx, query, context, ln_params, stats, w_in, w_q, b_in, w_o, b_o, n_heads, residual, normalize, *tensors):
+    ctx.save_for_backward(query, context, *ln_params, *stats, *tensors)
+    ctx.config = (n_heads, residual, normalize, w_in is not None, (w_q if w_in is None else w_in).dtype, b_in.dtype,
+                  w_o.dtype, b_o.dtype)
+
+
+def _backward_grads(ctx, params, grad_ln_q, grad_ln_k, grad_query, grad_w_o, grad_b_o):
+    """The Functions' return tuple, after both LayerNorm backwards."""
+    query, context, *rest = ctx.saved_tensors[:10]
+    g_query, g_context, *ln_grads = _layer_norm_backward(ctx.needs_input_grad, grad_ln_q, grad_ln_k, grad_query,
+                                                         query, context, rest[:4], rest[4:])
+    return (g_query, g_context, None, *ln_grads, *params, grad_w_o, grad_b_o, None, None, None, None, None, None)
+
+
+class _ProjectedKVPooler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, context, key_padding_mask, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, w_in, w_q, w_k,
                 w_v, b_in, w_o, b_o, eps_q, eps_k, n_heads, compute_dtype, residual, normalize):
         B, Lq, d = query.shape
-        Lk, kdim = context.shape[1], context.shape[2]
+        Lk = context.shape[1]
         head_dim = d // n_heads
-        dt = compute_dtype
-        if w_in is not None:
-            w_in_dt = w_in.to(dt)
-            w_q_dt, w_kv_dt = w_in_dt[:d], w_in_dt[d:]
-        else:
-            w_q_dt, w_kv_dt = w_q.to(dt), torch.cat([w_k, w_v]).to(dt)
-        b_in_dt = b_in.to(dt)
-        w_o_dt = w_o.to(dt)
-        ln_q, mean_q, rstd_q = torch.native_layer_norm(query, (d,), ln_q_weight, ln_q_bias, eps_q)
-        ln_k, mean_k, rstd_k = torch.native_layer_norm(context, (kdim,), ln_k_weight, ln_k_bias, eps_k)
-        x_q, x_kv = ln_q.to(dt).view(B * Lq, d), ln_k.to(dt).view(B * Lk, kdim)
+        w_q_dt, w_kv_dt, b_in_dt, w_o_dt, b_o_dt = _projection_weights(w_in, w_q, w_k, w_v, b_in, w_o, b_o, d,
+                                                                       compute_dtype)
+        ln_params = (ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias)
+        x_q, x_kv, stats = _layer_norms(query, context, *ln_params, eps_q, eps_k, compute_dtype)
+        x_kv = x_kv.view(B * Lk, -1)
         q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t()).view(B, Lq, n_heads, head_dim)
         kv = torch.addmm(b_in_dt[d:], x_kv, w_kv_dt.t()).view(B, Lk, 2, n_heads, head_dim)
-        scale = head_dim ** -0.5
+        ctx.scale = head_dim ** -0.5
         mask = None if key_padding_mask is None else key_padding_mask.to(torch.uint8)  # the kernels' form, once
-        attn, lse = triton_kernels.cross_attention_fwd(q, kv[:, :, 0], kv[:, :, 1], mask, scale)
-        out = torch.addmm(b_o.to(dt), attn.view(B * Lq, d), w_o_dt.t()).view(B, Lq, d)
-        empty = None
-        if key_padding_mask is not None:
-            # a sample without any context token gets no contribution at all (not the projection's bias)
-            empty = key_padding_mask.all(dim=1)[:, None, None]
-            out = out.masked_fill(empty, 0.0)
-        y = query + out if residual else out
-        norm = None
-        if normalize:
-            norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(NORM_EPS)
-            y = y / norm
-        ctx.save_for_backward(query, context, mask, empty, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, mean_q,
-                              rstd_q, mean_k, rstd_k, x_q, x_kv, q, kv, attn, lse, w_q_dt, w_kv_dt, w_o_dt,
-                              y if normalize else None, norm)
-        ctx.config = (n_heads, residual, normalize, scale, w_in is not None, (w_q if w_in is None else w_in).dtype,
-                      b_in.dtype, w_o.dtype, b_o.dtype)
+        attn, lse = triton_kernels.cross_attention_fwd(q, kv[:, :, 0], kv[:, :, 1], mask, ctx.scale)
+        out = torch.addmm(b_o_dt, attn.view(B * Lq, d), w_o_dt.t()).view(B, Lq, d)
+        empty = _empty_samples(key_padding_mask)
+        y, norm = _epilogue(query, out, empty, residual, normalize)
+        _save(ctx, query, context, ln_params, stats, w_in, w_q, b_in, w_o, b_o, n_heads, residual, normalize,
+              mask, empty, x_q, x_kv, q, kv, attn, lse, w_q_dt, w_kv_dt, w_o_dt, y if normalize else None, norm)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (query, context, mask, empty, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, mean_q, rstd_q, mean_k, rstd_k,
-         x_q, x_kv, q, kv, attn, lse, w_q_dt, w_kv_dt, w_o_dt, y, norm) = ctx.saved_tensors
-        n_heads, residual, normalize, scale, packed, w_in_dtype, b_in_dtype, w_o_dtype, b_o_dtype = ctx.config
-        dt = w_o_dt.dtype
+        query, context = ctx.saved_tensors[:2]
+        mask, empty, x_q, x_kv, q, kv, attn, lse, w_q_dt, w_kv_dt, w_o_dt, y, norm = ctx.saved_tensors[10:]
+        n_heads, residual, normalize, packed, w_dtype, b_in_dtype, w_o_dtype, b_o_dtype = ctx.config
         B, Lq, d = query.shape
         Lk, kdim = context.shape[1], context.shape[2]
-        if normalize:  # y = x / max(|x|, eps): dx = (g - y <g, y>) / |x|, or g / eps where the clamp held
-            grad = (grad - y * ((grad * y).sum(-1, keepdim=True) * (norm > NORM_EPS))) / norm
-        grad_query = grad.to(query.dtype) if residual else None
-        if empty is not None:
-            grad = grad.masked_fill(empty, 0.0)
-        g_out = grad.reshape(B * Lq, d).to(dt)
+        g_out, grad_query = _epilogue_backward(grad, y, norm, empty, query.dtype, residual, normalize, w_o_dt.dtype)
         grad_w_o = _mm(g_out.t(), attn.view(B * Lq, d), w_o_dtype)
         grad_b_o = g_out.sum(0, dtype=torch.float32).to(b_o_dtype)
         grad_attn = (g_out @ w_o_dt).view(B, Lq, n_heads, d // n_heads)
         grad_kv = torch.empty_like(kv)
         grad_q, _, _ = triton_kernels.cross_attention_bwd(grad_attn, q, kv[:, :, 0], kv[:, :, 1], mask, attn, lse,
-                                                          scale, grad_k=grad_kv[:, :, 0], grad_v=grad_kv[:, :, 1])
+                                                          ctx.scale, grad_k=grad_kv[:, :, 0], grad_v=grad_kv[:, :, 1])
         grad_q, grad_kv = grad_q.view(B * Lq, d), grad_kv.view(B * Lk, 2 * d)
         grad_b_in = torch.empty(3 * d, dtype=torch.float32, device=query.device)
         torch.sum(grad_q, 0, dtype=torch.float32, out=grad_b_in[:d])
         torch.sum(grad_kv, 0, dtype=torch.float32, out=grad_b_in[d:])
-        grad_b_in = grad_b_in.to(b_in_dtype)
-        grad_w_q = _mm(grad_q.t(), x_q, w_in_dtype)
-        grad_w_kv = _mm(grad_kv.t(), x_kv, w_in_dtype)
         grad_ln_q = _mm(grad_q, w_q_dt, query.dtype).view(B, Lq, d)
         grad_ln_k = _mm(grad_kv, w_kv_dt, context.dtype).view(B, Lk, kdim)
-        needs = ctx.needs_input_grad
-        g_query, g_ln_q_w, g_ln_q_b = torch.ops.aten.native_layer_norm_backward(
-            grad_ln_q, query, (d,), mean_q, rstd_q, ln_q_weight, ln_q_bias, [needs[0], needs[3], needs[4]])
-        g_context, g_ln_k_w, g_ln_k_b = torch.ops.aten.native_layer_norm_backward(
-            grad_ln_k, context, (kdim,), mean_k, rstd_k, ln_k_weight, ln_k_bias, [needs[1], needs[5], needs[6]])
-        if grad_query is not None and g_query is not None:
-            g_query = g_query + grad_query
-        if packed:
-            grad_w_in, grad_w_q, grad_w_k, grad_w_v = torch.cat([grad_w_q, grad_w_kv]), None, None, None
-        else:
-            grad_w_in, (grad_w_k, grad_w_v) = None, grad_w_kv.split(d)
-        return (g_query, g_context, None, g_ln_q_w, g_ln_q_b, g_ln_k_w, g_ln_k_b, grad_w_in, grad_w_q, grad_w_k,
-                grad_w_v, grad_b_in, grad_w_o, grad_b_o, None, None, None, None, None, None)
+        params = _parameter_grads(packed, d, _mm(grad_q.t(), x_q, w_dtype), _mm(grad_kv.t(), x_kv, w_dtype),
+                                  grad_b_in, b_in_dtype)
+        return _backward_grads(ctx, params, grad_ln_q, grad_ln_k, grad_query, grad_w_o, grad_b_o)
+
+
+def _heads_to_samples(x, B, n_heads, Lq):
+    """[H, B * Lq, c] (per-head GEMM layout) -> [B, H * Lq, c] (per-sample layout: rows ordered head, query)."""
+    return x.view(n_heads, B, Lq, -1).transpose(0, 1).reshape(B, n_heads * Lq, -1)
+
+
+def _samples_to_heads(x, B, n_heads, Lq):
+    """The inverse of ``_heads_to_samples``."""
+    return x.view(B, n_heads, Lq, -1).transpose(0, 1).reshape(n_heads, B * Lq, -1)
+
+
+class _ContextSpacePooler(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, context, key_padding_mask, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, w_in, w_q, w_k,
+                w_v, b_in, w_o, b_o, eps_q, eps_k, n_heads, compute_dtype, residual, normalize):
+        B, Lq, d = query.shape
+        kdim = context.shape[2]
+        H, head_dim = n_heads, d // n_heads
+        w_q_dt, w_kv_dt, b_in_dt, w_o_dt, b_o_dt = _projection_weights(w_in, w_q, w_k, w_v, b_in, w_o, b_o, d,
+                                                                       compute_dtype)
+        w_k_heads, w_v_heads = w_kv_dt[:d].view(H, head_dim, kdim), w_kv_dt[d:].view(H, head_dim, kdim)
+        ln_params = (ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias)
+        x_q, x_kv, stats = _layer_norms(query, context, *ln_params, eps_q, eps_k, compute_dtype)
+        q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t())  # [B * Lq, d]
+        q_heads = q.view(B * Lq, H, head_dim).transpose(0, 1)  # [H, B * Lq, Dh]
+        # each head's query taken into the context space: scores against x equal those against W_k x + b_k
+        q_ctx = _heads_to_samples(torch.bmm(q_heads, w_k_heads), B, H, Lq)  # [B, H * Lq, kdim]
+        # [B, H * Lq, Lk] scores and their softmax in fp32 (or fp64) at least, as in flash attention
+        scores = _mm(q_ctx, x_kv.transpose(1, 2), torch.promote_types(compute_dtype, torch.float32))
+        scores.mul_(head_dim ** -0.5)
+        empty = _empty_samples(key_padding_mask)
+        if key_padding_mask is not None:
+            scores.masked_fill_(key_padding_mask[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if empty is not None:
+            probs = probs.masked_fill(empty, 0.0)  # all keys masked: the softmax's NaN rows become zeros
+        # the attention-weighted context, then each head's value projection (its bias passes through: sum p = 1)
+        x_mean = _samples_to_heads(torch.bmm(probs.to(compute_dtype), x_kv), B, H, Lq)  # [H, B * Lq, kdim]
+        attn = torch.baddbmm(b_in_dt[2 * d:].view(H, 1, head_dim), x_mean, w_v_heads.transpose(1, 2))
+        attn = attn.transpose(0, 1).reshape(B * Lq, d)
+        out = torch.addmm(b_o_dt, attn, w_o_dt.t()).view(B, Lq, d)
+        y, norm = _epilogue(query, out, empty, residual, normalize)
+        _save(ctx, query, context, ln_params, stats, w_in, w_q, b_in, w_o, b_o, n_heads, residual, normalize,
+              empty, x_q, x_kv, q, q_ctx, probs, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt, y if normalize else None,
+              norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, context = ctx.saved_tensors[:2]
+        empty, x_q, x_kv, q, q_ctx, probs, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt, y, norm = ctx.saved_tensors[10:]
+        H, residual, normalize, packed, w_dtype, b_in_dtype, w_o_dtype, b_o_dtype = ctx.config
+        B, Lq, d = query.shape
+        kdim = context.shape[2]
+        head_dim = d // H
+        dt = w_o_dt.dtype
+        acc = probs.dtype  # fp32, or fp64 for fp64 inputs
+        w_k_heads, w_v_heads = w_kv_dt[:d].view(H, head_dim, kdim), w_kv_dt[d:].view(H, head_dim, kdim)
+        g_out, grad_query = _epilogue_backward(grad, y, norm, empty, query.dtype, residual, normalize, dt)
+        grad_w_o = _mm(g_out.t(), attn, w_o_dtype)
+        grad_b_o = g_out.sum(0, dtype=acc).to(b_o_dtype)
+        g_attn = g_out @ w_o_dt  # [B * Lq, d]
+        g_heads = g_attn.view(B * Lq, H, head_dim).transpose(0, 1)  # [H, B * Lq, Dh]
+        grad_w_v = _mm(g_heads.transpose(1, 2), x_mean, w_dtype).view(d, kdim)
+        g_mean = _heads_to_samples(torch.bmm(g_heads, w_v_heads), B, H, Lq)  # [B, H * Lq, kdim]
+        g_probs = _mm(g_mean, x_kv.transpose(1, 2), probs.dtype)
+        # softmax backward (masked keys and empty samples have p = 0, so they get 0), with the score scale
+        g_scores = (probs * (g_probs - (probs * g_probs).sum(-1, keepdim=True))).mul_(head_dim ** -0.5).to(dt)
+        g_q_ctx = _samples_to_heads(torch.bmm(g_scores, x_kv), B, H, Lq)  # [H, B * Lq, kdim]
+        # d x_kv = g_scores^T q_ctx + probs^T g_mean: one GEMM over the stacked H * Lq rows of both terms
+        grad_ln_k = _mm(torch.cat([g_scores, probs.to(dt)], 1).transpose(1, 2), torch.cat([q_ctx, g_mean], 1),
+                        context.dtype)
+        q_heads = q.view(B * Lq, H, head_dim).transpose(0, 1)
+        grad_w_k = _mm(q_heads.transpose(1, 2), g_q_ctx, w_dtype).view(d, kdim)
+        g_q = torch.bmm(g_q_ctx, w_k_heads.transpose(1, 2)).transpose(0, 1).reshape(B * Lq, d)
+        grad_b_in = torch.cat([g_q.sum(0, dtype=acc), torch.zeros(d, dtype=acc, device=q.device),  # key bias: none
+                               g_attn.sum(0, dtype=acc)])
+        grad_ln_q = _mm(g_q, w_q_dt, query.dtype).view(B, Lq, d)
+        params = _parameter_grads(packed, d, _mm(g_q.t(), x_q, w_dtype), torch.cat([grad_w_k, grad_w_v]), grad_b_in,
+                                  b_in_dtype)
+        return _backward_grads(ctx, params, grad_ln_q, grad_ln_k, grad_query, grad_w_o, grad_b_o)
+
+
+FORMS = {"context_space": _ContextSpacePooler, "projected_kv": _ProjectedKVPooler}
 
 
 def _compute_dtype(query) -> torch.dtype:
@@ -125,25 +274,36 @@ def _compute_dtype(query) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
 
 
-def fused_pooler_supported(query, n_heads: int) -> bool:
-    """Inputs the fused path covers: the Triton kernel's (see ``triton_kernels.supports``) in the dtype the
-    attention will run in."""
-    return triton_kernels.supports(query.shape[1], query.shape[-1] // n_heads, _compute_dtype(query))
+def pooler_form(query, n_heads: int) -> str | None:
+    """The single-node form for this call, or None where neither covers it (the module's composition runs).
+
+    The context-space form does ``H * Lq / d`` of the K/V form's attention flops and never writes K or V, so it
+    runs wherever the projected queries are no more than the model width; the projected-K/V form takes larger
+    query sets that the Triton kernel covers (see ``triton_kernels.supports``)."""
+    Lq, d = query.shape[1], query.shape[-1]
+    if n_heads * Lq <= d:
+        return "context_space"
+    if triton_kernels.supports(Lq, d // n_heads, _compute_dtype(query)):
+        return "projected_kv"
+    return None
 
 
-def fused_pooler(query, context, key_padding_mask, ln_q, ln_k, attn, *, residual: bool, normalize: bool):
-    """The pooler's forward (see ``cosmos_fast.nn.CrossAttentionPooler``) as one autograd node.
+def fused_pooler(query, context, key_padding_mask, ln_q, ln_k, attn, *, residual: bool, normalize: bool,
+                 form: str = "context_space"):
+    """The pooler's forward (see ``cosmos_fast.nn.CrossAttentionPooler``) as one autograd node in ``form``
+    (a key of ``FORMS``).
 
     query [B, Lq, d] and context [B, Lk, kdim]; ``ln_q``/``ln_k`` LayerNorms with affine parameters and
     ``attn`` an ``nn.MultiheadAttention`` with biases whose parameters are used (not its forward).
     """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
     if attn._qkv_same_embed_dim:
         w_in, w_q, w_k, w_v = attn.in_proj_weight, None, None, None
     else:
         w_in, w_q, w_k, w_v = None, attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
     compute_dtype = _compute_dtype(query)
     with torch.autocast(query.device.type, enabled=False):
-        return _FusedPooler.apply(query, context, key_padding_mask, ln_q.weight, ln_q.bias, ln_k.weight, ln_k.bias,
-                                  w_in, w_q, w_k, w_v, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                                  ln_q.eps, ln_k.eps, attn.num_heads, compute_dtype, residual, normalize)
-
+        return FORMS[form].apply(query, context, key_padding_mask, ln_q.weight, ln_q.bias, ln_k.weight, ln_k.bias,
+                                 w_in, w_q, w_k, w_v, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                                 ln_q.eps, ln_k.eps, attn.num_heads, compute_dtype, residual, normalize)
