@@ -294,9 +294,12 @@ def test_pooler_options_and_fp32():
     torch.testing.assert_close(pooler(query, context), F.normalize(query + plain, dim=-1))
 
 
-def test_pooler_compiles_without_graph_breaks(backend):
+@pytest.mark.parametrize("Lq", [8, 40], ids=["context-space", "composition"])
+def test_pooler_compiles_without_graph_breaks(backend, Lq):
+    """On the fast backend 8 queries x 4 heads <= d = 32 take the context-space form (traced through), 40 the
+    composition around the attention custom op."""
     pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4)
-    query, context = torch.randn(3, 8, 32, requires_grad=True), torch.randn(3, 20, 32)
+    query, context = torch.randn(3, Lq, 32, requires_grad=True), torch.randn(3, 20, 32)
     mask = padding_mask(3, 20, seed=7)
     compiled = torch.compile(pooler, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(query, context, mask), pooler(query, context, mask))

@@ -17,11 +17,11 @@ class CrossAttentionPooler(nn.Module):
     Parameters carry upstream's names (``ln_q``, ``ln_k``, and ``attn`` with ``nn.MultiheadAttention``'s own:
     ``in_proj_weight``/``in_proj_bias``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when
     ``kdim != d_model``, and ``out_proj``), so a checkpoint of an ``nn.MultiheadAttention``-based pooler loads
-    unchanged. ``attn`` holds the parameters, not the computation: on the fast backend (CUDA tensors, eager mode)
-    the whole forward runs as one autograd node, in the context's feature space where ``n_heads * Lq <= d_model``
-    (the key projection moved onto the queries and the value projection after the weighted sum, so K and V are
-    never formed; ``ops.attention.pooler``), else on the Triton attention kernel; elsewhere the attention runs
-    :func:`cosmos_fast.cross_attention`.
+    unchanged. ``attn`` holds the parameters, not the computation. On the fast backend (CUDA tensors) the whole
+    forward runs as one autograd node: in the context's feature space where ``n_heads * Lq <= d_model`` (the key
+    projection moved onto the queries and the value projection after the weighted sum, so K and V are never
+    formed; eager and under torch.compile), else, in eager mode, on the Triton attention kernel. Elsewhere the
+    attention runs :func:`cosmos_fast.cross_attention` between the module's projections.
 
     forward(query [B, Lq, d_model], context [B, Lk, kdim], key_padding_mask [B, Lk] bool or None (True =
     padding; None reproduces upstream COSMOS, which attends to padding), residual=True, normalize=True,
@@ -40,14 +40,17 @@ class CrossAttentionPooler(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_heads, kdim=kdim, vdim=kdim, batch_first=True)
 
     def _fused_form(self, query) -> str | None:
-        """The single-autograd-node form the whole forward runs in (``ops.attention.pooler.pooler_form``) on the
-        fast backend in eager mode, or None for the composition below (the PyTorch path; under torch.compile, whose
-        attention is one custom op, the composition fuses better)."""
+        """The single-autograd-node form the whole forward runs in on the fast backend
+        (``ops.attention.pooler.pooler_form``), or None for the composition below (the PyTorch path). Under
+        torch.compile only the context-space form, which is plain PyTorch that dynamo traces; the projected-K/V
+        form launches Triton kernels itself, and there the composition, whose attention is one custom op, serves."""
         from ..ops.attention.pooler import pooler_form
 
-        if torch.compiler.is_compiling() or self.attn.in_proj_bias is None:
+        if self.attn.in_proj_bias is None:
             return None
         form = pooler_form(query, self.n_heads)
+        if form == "projected_kv" and torch.compiler.is_compiling():
+            return None
         return form if select_backend(query, supported=form is not None) == "triton" else None
 
     def _check_inputs(self, query, context, key_padding_mask):

@@ -88,7 +88,7 @@ def _layer_norms(query, context, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias,
     d, kdim = query.shape[-1], context.shape[-1]
     ln_q, mean_q, rstd_q = torch.native_layer_norm(query, (d,), ln_q_weight, ln_q_bias, eps_q)
     ln_k, mean_k, rstd_k = torch.native_layer_norm(context, (kdim,), ln_k_weight, ln_k_bias, eps_k)
-    return ln_q.to(dt).view(-1, d), ln_k.to(dt), (mean_q, rstd_q, mean_k, rstd_k)
+    return ln_q.to(dt).reshape(-1, d), ln_k.to(dt), (mean_q, rstd_q, mean_k, rstd_k)
 
 
 def _layer_norm_backward(needs, grad_ln_q, grad_ln_k, grad_query, query, context, ln_params, stats):
@@ -145,7 +145,7 @@ class _ProjectedKVPooler(torch.autograd.Function):
                                                                        compute_dtype)
         ln_params = (ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias)
         x_q, x_kv, stats = _layer_norms(query, context, *ln_params, eps_q, eps_k, compute_dtype)
-        x_kv = x_kv.view(B * Lk, -1)
+        x_kv = x_kv.reshape(B * Lk, -1)
         q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t()).view(B, Lq, n_heads, head_dim)
         kv = torch.addmm(b_in_dt[d:], x_kv, w_kv_dt.t()).view(B, Lk, 2, n_heads, head_dim)
         ctx.scale = head_dim ** -0.5
