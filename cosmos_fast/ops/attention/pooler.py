@@ -205,13 +205,14 @@ class _ContextSpacePooler(torch.autograd.Function):
         w_k_heads, w_v_heads = w_kv_dt[:d].view(H, head_dim, kdim), w_kv_dt[d:].view(H, head_dim, kdim)
         ln_params = (ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias)
         x_q, x_kv, stats = _layer_norms(query, context, *ln_params, eps_q, eps_k, compute_dtype)
-        q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t())  # [B * Lq, d]
+        scale = head_dim ** -0.5
+        # the queries with the score scale folded into the GEMM's epilogue: [B * Lq, d]
+        q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t(), beta=scale, alpha=scale)
         q_heads = q.view(B * Lq, H, head_dim).transpose(0, 1)  # [H, B * Lq, Dh]
         # each head's query taken into the context space: scores against x equal those against W_k x + b_k
         q_ctx = _heads_to_samples(torch.bmm(q_heads, w_k_heads), B, H, Lq)  # [B, H * Lq, kdim]
         # [B, H * Lq, Lk] scores and their softmax in fp32 (or fp64) at least, as in flash attention
         scores = _mm(q_ctx, x_kv.transpose(1, 2), torch.promote_types(compute_dtype, torch.float32))
-        scores.mul_(head_dim ** -0.5)
         empty = _empty_samples(key_padding_mask)
         if key_padding_mask is not None:
             scores.masked_fill_(key_padding_mask[:, None, :], float("-inf"))
@@ -219,20 +220,22 @@ class _ContextSpacePooler(torch.autograd.Function):
         if empty is not None:
             probs = probs.masked_fill(empty, 0.0)  # all keys masked: the softmax's NaN rows become zeros
         # the attention-weighted context, then each head's value projection (its bias passes through: sum p = 1)
-        x_mean = _samples_to_heads(torch.bmm(probs.to(compute_dtype), x_kv), B, H, Lq)  # [H, B * Lq, kdim]
+        probs_dt = probs.to(compute_dtype)
+        x_mean = _samples_to_heads(torch.bmm(probs_dt, x_kv), B, H, Lq)  # [H, B * Lq, kdim]
         attn = torch.baddbmm(b_in_dt[2 * d:].view(H, 1, head_dim), x_mean, w_v_heads.transpose(1, 2))
         attn = attn.transpose(0, 1).reshape(B * Lq, d)
         out = torch.addmm(b_o_dt, attn, w_o_dt.t()).view(B, Lq, d)
         y, norm = _epilogue(query, out, empty, residual, normalize)
         _save(ctx, query, context, ln_params, stats, w_in, w_q, b_in, w_o, b_o, n_heads, residual, normalize,
-              empty, x_q, x_kv, q, q_ctx, probs, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt, y if normalize else None,
-              norm)
+              empty, x_q, x_kv, q, q_ctx, probs, probs_dt, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt,
+              y if normalize else None, norm)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         query, context = ctx.saved_tensors[:2]
-        empty, x_q, x_kv, q, q_ctx, probs, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt, y, norm = ctx.saved_tensors[10:]
+        (empty, x_q, x_kv, q, q_ctx, probs, probs_dt, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt, y,
+         norm) = ctx.saved_tensors[10:]
         H, residual, normalize, packed, w_dtype, b_in_dtype, w_o_dtype, b_o_dtype = ctx.config
         B, Lq, d = query.shape
         kdim = context.shape[2]
@@ -248,17 +251,20 @@ class _ContextSpacePooler(torch.autograd.Function):
         grad_w_v = _mm(g_heads.transpose(1, 2), x_mean, w_dtype).view(d, kdim)
         g_mean = _heads_to_samples(torch.bmm(g_heads, w_v_heads), B, H, Lq)  # [B, H * Lq, kdim]
         g_probs = _mm(g_mean, x_kv.transpose(1, 2), probs.dtype)
-        # softmax backward (masked keys and empty samples have p = 0, so they get 0), with the score scale
-        g_scores = (probs * (g_probs - (probs * g_probs).sum(-1, keepdim=True))).mul_(head_dim ** -0.5).to(dt)
+        # softmax backward (masked keys and empty samples have p = 0, so they get 0)
+        g_scores = (probs * (g_probs - (probs * g_probs).sum(-1, keepdim=True))).to(dt)
         g_q_ctx = _samples_to_heads(torch.bmm(g_scores, x_kv), B, H, Lq)  # [H, B * Lq, kdim]
         # d x_kv = g_scores^T q_ctx + probs^T g_mean: one GEMM over the stacked H * Lq rows of both terms
-        grad_ln_k = _mm(torch.cat([g_scores, probs.to(dt)], 1).transpose(1, 2), torch.cat([q_ctx, g_mean], 1),
+        grad_ln_k = _mm(torch.cat([g_scores, probs_dt], 1).transpose(1, 2), torch.cat([q_ctx, g_mean], 1),
                         context.dtype)
         q_heads = q.view(B * Lq, H, head_dim).transpose(0, 1)
         grad_w_k = _mm(q_heads.transpose(1, 2), g_q_ctx, w_dtype).view(d, kdim)
-        g_q = torch.bmm(g_q_ctx, w_k_heads.transpose(1, 2)).transpose(0, 1).reshape(B * Lq, d)
-        grad_b_in = torch.cat([g_q.sum(0, dtype=acc), torch.zeros(d, dtype=acc, device=q.device),  # key bias: none
-                               g_attn.sum(0, dtype=acc)])
+        # the gradient of the unscaled queries, in the per-row layout of the Q projection
+        g_q = torch.bmm(g_q_ctx, w_k_heads.transpose(1, 2)).mul_(head_dim ** -0.5).transpose(0, 1).reshape(B * Lq, d)
+        grad_b_in = torch.empty(3 * d, dtype=acc, device=q.device)
+        torch.sum(g_q, 0, dtype=acc, out=grad_b_in[:d])
+        grad_b_in[d:2 * d].zero_()  # the key bias changes no output: its gradient is exactly zero
+        torch.sum(g_attn, 0, dtype=acc, out=grad_b_in[2 * d:])
         grad_ln_q = _mm(g_q, w_q_dt, query.dtype).view(B, Lq, d)
         params = _parameter_grads(packed, d, _mm(g_q.t(), x_q, w_dtype), torch.cat([grad_w_k, grad_w_v]), grad_b_in,
                                   b_in_dtype)
