@@ -31,7 +31,7 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
-TRAIN_REQUIRES = ["torchvision", "timm>=1.0", "open_clip_torch>=2.24", "webdataset", "pillow"]
+TRAIN_REQUIRES = ["torchvision", "timm>=1.0", "open_clip_torch>=2.24", "webdataset", "pillow", "matplotlib"]
 
 setup(
     name="cosmos_fast",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+import plot  # noqa: E402
 import train  # noqa: E402
 
 from cosmos_fast.data import ShapesDataset  # noqa: E402
@@ -35,6 +36,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, b[part][name]), f"{part}.{name}"
     assert (tmp_path / "a" / "eval.json").exists()
+    # the resumed run's curves hold each step once, from the log the run continued
+    steps = [r["step"] for r in plot.read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3]
+    assert (tmp_path / "b" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -149,3 +154,24 @@ def test_tensorboard(tmp_path):
 def test_fsdp_needs_torchrun(tmp_path):
     with pytest.raises(ValueError, match="torchrun"):
         train.main(SMALL + ["run.fsdp=true", f"run.out_dir={tmp_path}"])
+
+
+def test_curves_take_the_last_record_of_each_step(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 9.0}, {"step": 1, "loss": 2.4},
+               {"step": 2, "loss": 2.0}]
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert [r["loss"] for r in plot.read_metrics(metrics)] == [3.0, 2.4, 2.0]
+    assert plot.main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_name_a_broken_record(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"loss": 2.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: a record without 'step'"):
+        plot.read_metrics(tmp_path / "metrics.jsonl")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0,\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:1: not a JSON record"):
+        plot.read_metrics(tmp_path / "metrics.jsonl")
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "missing")])

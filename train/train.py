@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import config as config_lib  # noqa: E402
+import plot as plot_lib  # noqa: E402
 import simla as simla_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
@@ -263,10 +264,21 @@ def shard_batches(collate, cfg, position: int):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write, then rename: a crash mid-write never leaves a broken checkpoint in place of a good one."""
+    """Write, flush to disk, then rename: neither a crash nor a power loss mid-write leaves a broken checkpoint in
+    place of a good one."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_curves(out_dir: Path) -> None:
+    """``curves.png`` from the run's metrics (where matplotlib is installed)."""
+    written = plot_lib.plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    if written is not None:
+        print(f"training curves: {written}")
 
 
 @torch.no_grad()
@@ -387,74 +399,79 @@ def train(cfg, resume: bool) -> int:
         log = (out_dir / "metrics.jsonl").open("a" if resume else "w")
     start = time.time()
     bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True, disable=rank != 0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.run.steps)
-        logged = {}
-        for micro in range(cfg.optim.accumulate):
-            epoch, position, batch = next(stream)
-            global_crops, local_crops, captions = (batch[k].to(device, non_blocking=True)
-                                                   for k in ("global", "local", "captions"))
-            with gradient_sync(model, micro == cfg.optim.accumulate - 1):
-                with autocast:
-                    loss, parts = losses(model, teacher, loss_fn, global_crops, local_crops, captions, step,
-                                         step * cfg.optim.accumulate + micro, cfg)
-                values = mean_over_ranks(torch.stack([loss.detach().float(), *(p.float().to(device)
-                                                                               for p in parts.values())]))
-                if not torch.isfinite(values[0]):
-                    print(f"step {step}: loss is {values[0].item()}; stopping (the last checkpoint is kept)",
+    try:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.run.steps)
+            logged = {}
+            for micro in range(cfg.optim.accumulate):
+                epoch, position, batch = next(stream)
+                global_crops, local_crops, captions = (batch[k].to(device, non_blocking=True)
+                                                       for k in ("global", "local", "captions"))
+                with gradient_sync(model, micro == cfg.optim.accumulate - 1):
+                    with autocast:
+                        loss, parts = losses(model, teacher, loss_fn, global_crops, local_crops, captions, step,
+                                             step * cfg.optim.accumulate + micro, cfg)
+                    values = mean_over_ranks(torch.stack([loss.detach().float(), *(p.float().to(device)
+                                                                                   for p in parts.values())]))
+                    if not torch.isfinite(values[0]):
+                        print(f"step {step}: loss is {values[0].item()}; stopping (the last checkpoint is kept)",
+                              file=sys.stderr)
+                        return 1
+                    scaler.scale(loss / cfg.optim.accumulate).backward()
+                for name, value in zip(["loss", *parts], values.tolist()):
+                    logged[name] = logged.get(name, 0.0) + value / cfg.optim.accumulate
+            if cfg.run.fsdp:  # the replicated temperatures: FSDP leaves their gradients to us
+                for p in (raw.logit_scale, raw.distill_logit_scale):
+                    if p.grad is not None:
+                        p.grad.copy_(mean_over_ranks(p.grad))
+            if cfg.optim.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.clip_grad)
+            if cfg.teacher.update_before_step:  # upstream COSMOS's order
+                update_teacher(teacher, raw, step, cfg)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            raw.clamp_logit_scales_()
+            if not cfg.teacher.update_before_step:
+                update_teacher(teacher, raw, step, cfg)
+            samples_per_s = ((step + 1 - first_step) * cfg.data.batch_size * cfg.optim.accumulate
+                             / (time.time() - start))
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", samples_s=f"{samples_per_s:.0f}")
+            if rank == 0 and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
+                record = {"step": step, **logged, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if writer is not None:
+                    for name, value in record.items():
+                        if name != "step":
+                            writer.add_scalar(name, value, step)
+            last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at
+            if (step + 1) % cfg.run.checkpoint_every == 0 or last:
+                finite = mean_over_ranks(torch.tensor([float(all(torch.isfinite(local(p)).all()
+                                                                 for p in raw.parameters()))], device=device))
+                if finite.item() < 1:
+                    print(f"step {step}: parameters are no longer finite; stopping (the last checkpoint is kept)",
                           file=sys.stderr)
                     return 1
-                scaler.scale(loss / cfg.optim.accumulate).backward()
-            for name, value in zip(["loss", *parts], values.tolist()):
-                logged[name] = logged.get(name, 0.0) + value / cfg.optim.accumulate
-        if cfg.run.fsdp:  # the replicated temperatures: FSDP leaves their gradients to us
-            for p in (raw.logit_scale, raw.distill_logit_scale):
-                if p.grad is not None:
-                    p.grad.copy_(mean_over_ranks(p.grad))
-        if cfg.optim.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.clip_grad)
-        if cfg.teacher.update_before_step:  # upstream COSMOS's order
-            update_teacher(teacher, raw, step, cfg)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        raw.clamp_logit_scales_()
-        if not cfg.teacher.update_before_step:
-            update_teacher(teacher, raw, step, cfg)
-        samples_per_s = ((step + 1 - first_step) * cfg.data.batch_size * cfg.optim.accumulate
-                         / (time.time() - start))
-        bar.set_postfix(loss=f"{logged['loss']:.3f}", samples_s=f"{samples_per_s:.0f}")
-        if rank == 0 and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
-            record = {"step": step, **logged, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if writer is not None:
-                for name, value in record.items():
-                    if name != "step":
-                        writer.add_scalar(name, value, step)
-        last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at
-        if (step + 1) % cfg.run.checkpoint_every == 0 or last:
-            finite = mean_over_ranks(torch.tensor([float(all(torch.isfinite(local(p)).all()
-                                                             for p in raw.parameters()))], device=device))
-            if finite.item() < 1:
-                print(f"step {step}: parameters are no longer finite; stopping (the last checkpoint is kept)",
-                      file=sys.stderr)
-                return 1
-            # gathering the full state dicts is collective under FSDP: every rank takes part, rank 0 writes
-            state = {"model": get_model_state_dict(raw, options=FULL_STATE),
-                     "teacher": get_model_state_dict(teacher, options=FULL_STATE),
-                     "optimizer": get_optimizer_state_dict(raw, optimizer, options=FULL_STATE),
-                     "loss_state": loss_fn.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch, "position": position + 1,
-                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "config": cfg}
-            if rank == 0:
-                save_checkpoint(checkpoint_path, state)
-        if step + 1 == cfg.run.stop_at:
-            if rank == 0:
-                print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
-            return 0
+                # gathering the full state dicts is collective under FSDP: every rank takes part, rank 0 writes
+                state = {"model": get_model_state_dict(raw, options=FULL_STATE),
+                         "teacher": get_model_state_dict(teacher, options=FULL_STATE),
+                         "optimizer": get_optimizer_state_dict(raw, optimizer, options=FULL_STATE),
+                         "loss_state": loss_fn.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch, "position": position + 1,
+                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "config": cfg}
+                if rank == 0:
+                    save_checkpoint(checkpoint_path, state)
+            if step + 1 == cfg.run.stop_at:
+                if rank == 0:
+                    print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
+                return 0
+    finally:  # the curves so far, whether the run ended, stopped or failed
+        if rank == 0:
+            log.close()
+            write_curves(out_dir)
     if writer is not None:
         writer.close()
     if cfg.data.source != "shapes":
