@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 import plot  # noqa: E402
 import train  # noqa: E402
 
+from cosmos_fast import _dispatch  # noqa: E402
 from cosmos_fast.data import ShapesDataset  # noqa: E402
 from cosmos_fast.data.shards import write_shards  # noqa: E402
 
@@ -74,10 +75,17 @@ def _log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective", ["cosmos", "clip", "psd ema"])
-def test_reference_kernels_match_fused(tmp_path, objective):
+@pytest.mark.parametrize("objective,backend", [("cosmos", "default"), ("clip", "default"), ("psd ema", "default"),
+                                               ("cosmos", "triton")])
+def test_reference_kernels_match_fused(tmp_path, objective, backend, monkeypatch):
     """Upstream's way (per-pair full logits and F.cross_entropy, per-tensor EMA loop, nn.MultiheadAttention)
-    and cosmos_fast's give the same losses step by step, and the same weights, from the same seed (fp32)."""
+    and cosmos_fast's give the same losses step by step, and the same weights, from the same seed (fp32). With
+    the triton backend the fused run takes the GPU's paths (the Triton kernels, interpreted on CPU, and the
+    pooler's context-space form)."""
+    if backend == "triton":
+        if not (_dispatch.triton_available() and _dispatch.triton_interpreted()):
+            pytest.skip("the fast backend on CPU tensors needs triton and TRITON_INTERPRET=1")
+        monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
     name, _, source = objective.partition(" ")
     extra = [f"run.objective={name}"] + ([f"psd.source={source}", "psd.ramp_steps=1"] if source else [])
     runs = {}
