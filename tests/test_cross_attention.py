@@ -172,21 +172,24 @@ def test_pooler_matches_multihead_attention(kdim, masked):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("Lq,Lk", [(1, 1), (8, 77), (25, 30)])
+@pytest.mark.parametrize("Lq,Lk,Dh", [(1, 1, 8), (8, 77, 8), (25, 30, 8), (8, 77, 32), (8, 77, 80), (8, 77, 96),
+                                      (8, 196, 128)])
 @pytest.mark.parametrize("kdim", [None, 48], ids=["kdim=d", "kdim!=d"])
 @pytest.mark.parametrize("masked", [False, True], ids=["upstream-unmasked", "padding-masked"])
-def test_context_space_form_equals_multihead_attention_in_float64(Lq, Lk, kdim, masked):
+def test_context_space_form_equals_multihead_attention_in_float64(Lq, Lk, Dh, kdim, masked):
     """The key and value projections moved around the attention give the same function: float64 output and every
     gradient equal upstream's nn.MultiheadAttention pooler to rounding (odd batch, a fully masked sample)."""
     torch.manual_seed(Lq)
-    reference = MultiheadAttentionPooler(64, 8, kdim).double()
+    H = 8 if Dh == 8 else 2
+    d = H * Dh
+    reference = MultiheadAttentionPooler(d, H, kdim).double()
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    ours = cosmos_fast.nn.CrossAttentionPooler(64, 8, kdim).double()
+    ours = cosmos_fast.nn.CrossAttentionPooler(d, H, kdim).double()
     ours.load_state_dict(reference.state_dict())
-    query = torch.randn(5, Lq, 64, dtype=torch.float64, requires_grad=True)
-    context = torch.randn(5, Lk, kdim or 64, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(5, Lq, d, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(5, Lk, kdim or d, dtype=torch.float64, requires_grad=True)
     mask = padding_mask(5, Lk, seed=Lk) if masked else None
     out_ref = reference(query, context, mask)
     grad = torch.randn_like(out_ref)
