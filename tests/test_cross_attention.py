@@ -251,6 +251,20 @@ def test_pooler_forms_follow_the_accuracy_rule(form, Lq, Lk, dtype, monkeypatch)
     assert_accurate(call(ours), call(reference), leaves, dtype, ["query", "context", *names], fp32_tail=0)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pooler_paths_return_the_same_dtype(pooler_path, dtype, residual):
+    """Each path returns what the composition of LayerNorm, nn.Linear, attention and F.normalize returns: the
+    inputs' dtype, and under autocast the residual's fp32 or the projection's bf16 without residual."""
+    pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4).to(dtype)
+    query, context = torch.randn(2, 8, 32, dtype=dtype), torch.randn(2, 12, 32, dtype=dtype)
+    assert pooler(query, context, residual=residual).dtype == dtype
+    if dtype == torch.float32:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pooler(query, context, residual=residual)
+        assert out.dtype == (torch.float32 if residual else torch.bfloat16)
+
+
 @pytest.mark.parametrize("Lq,H,d,dtype,form", [
     (8, 8, 512, torch.bfloat16, "context_space"),  # COSMOS: 64 projected queries against d = 512
     (64, 8, 512, torch.float32, "context_space"),

@@ -67,7 +67,7 @@ def _epilogue(query, out, empty, residual, normalize):
     if normalize:
         norm_dtype = torch.promote_types(y.dtype, torch.float32)
         norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=norm_dtype).clamp_min(NORM_EPS)
-        y = y / norm
+        y = (y / norm).to(y.dtype)  # F.normalize's dtype: bf16 inputs without autocast stay bf16
     return y, norm
 
 
