@@ -2,7 +2,10 @@
 # The one command for a short GPU session (no registry access needed): environment, editable install,
 # the GPU tests, every benchmarks/bench_*.py, and a summary table of the results this run wrote.
 #
-# Usage: bash benchmarks/run_gpu.sh [--quick]    (extra arguments are passed to every benchmark)
+# Usage: bash benchmarks/run_gpu.sh [--only NAME[,NAME...]] [--no-tests] [--quick]
+#   --only cross_attention,train_step   run only those benchmarks (benchmarks/bench_<NAME>.py)
+#   --no-tests                          skip the GPU tests (a second call of one session, say)
+#   other arguments (--quick) are passed to every benchmark
 #
 # With $OUT set, $OUT receives at most 8 flat files: run_gpu.log (everything printed), results.json (every
 # results record of this run, keyed by benchmark name) and the benchmark figures. A failing step does not
@@ -18,8 +21,35 @@ mkdir -p "$LOG_DIR" "$RESULTS_DIR"
 MARKER="$(mktemp)"  # results files newer than this one were written by this run
 trap 'rm -f "$MARKER"' EXIT
 
+ONLY=""
+RUN_TESTS=1
+BENCH_ARGS=()
+while (($#)); do
+    case "$1" in
+        --only) ONLY="${2:?--only needs a comma-separated list of benchmark names}"; shift 2 ;;
+        --no-tests) RUN_TESTS=0; shift ;;
+        *) BENCH_ARGS+=("$1"); shift ;;
+    esac
+done
+
+benchmarks() {  # the bench_*.py files this run takes, in name order
+    local bench name
+    for bench in benchmarks/bench_*.py; do
+        name="${bench#benchmarks/bench_}"
+        name="${name%.py}"
+        if [[ -z "$ONLY" || ",$ONLY," == *",$name,"* ]]; then
+            echo "$bench"
+        fi
+    done
+}
+
 main() {
-    local failed=() rc bench
+    local failed=() rc bench selected=()
+    mapfile -t selected < <(benchmarks)
+    if [[ -n "$ONLY" && ${#selected[@]} -eq 0 ]]; then
+        echo "--only $ONLY matches no benchmarks/bench_<NAME>.py" >&2
+        return 2
+    fi
 
     echo "== environment"
     nvidia-smi || echo "nvidia-smi: not available"
@@ -54,19 +84,21 @@ EOF
     fi
     rm -f "$pip_log"
 
-    echo "== GPU tests"
-    rc=0
-    COSMOS_FAST_GPU_TESTS=1 python -m pytest -q tests -m gpu || rc=$?
-    case "$rc" in
-        0) ;;
-        5) echo "no tests marked gpu were collected" ;;
-        *) failed+=("GPU tests (pytest exit $rc)") ;;
-    esac
-
-    for bench in benchmarks/bench_*.py; do
-        echo "== $bench $*"
+    if ((RUN_TESTS)); then
+        echo "== GPU tests"
         rc=0
-        python "$bench" "$@" || rc=$?
+        COSMOS_FAST_GPU_TESTS=1 python -m pytest -q tests -m gpu || rc=$?
+        case "$rc" in
+            0) ;;
+            5) echo "no tests marked gpu were collected" ;;
+            *) failed+=("GPU tests (pytest exit $rc)") ;;
+        esac
+    fi
+
+    for bench in "${selected[@]}"; do
+        echo "== $bench ${BENCH_ARGS[*]}"
+        rc=0
+        python "$bench" "${BENCH_ARGS[@]}" || rc=$?
         if [[ "$rc" -ne 0 ]]; then
             failed+=("$bench (exit $rc)")
         fi
@@ -109,4 +141,4 @@ EOF
     echo "all steps passed"
 }
 
-main "$@" 2>&1 | tee "$LOG_DIR/run_gpu.log"
+main 2>&1 | tee "$LOG_DIR/run_gpu.log"
