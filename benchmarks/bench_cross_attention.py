@@ -83,9 +83,12 @@ def sdpa(backend):
 
 
 def xformers_attention():
+    """xformers' memory-efficient attention as a peer, or None where it is not installed or does not import
+    (a wheel built for another torch may fail to load its extension)."""
     try:
         import xformers.ops as xops
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001 - any failure to import means: no xformers peer in this run
+        print(f"xformers unavailable: {type(exc).__name__}: {exc}")
         return None
 
     def run(q, k, v, mask, grad):
@@ -171,7 +174,7 @@ def main() -> int:
     notes = []
     xformers_run = xformers_attention()
     if xformers_run is None:
-        notes.append("xformers not installed: skipped")
+        notes.append("xformers not installed or not importable: skipped")
     rows = []
     mha = MultiheadAttentionPooler().cuda()
     ours_pooler = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda()
