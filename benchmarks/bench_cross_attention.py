@@ -87,7 +87,7 @@ def xformers_attention():
     (a wheel built for another torch may fail to load its extension)."""
     try:
         import xformers.ops as xops
-    except Exception as exc:  # noqa: BLE001 - any failure to import means: no xformers peer in this run
+    except Exception as exc:  # any failure to import means: no xformers peer in this run
         print(f"xformers unavailable: {type(exc).__name__}: {exc}")
         return None
 
