@@ -1,7 +1,6 @@
 """Public cross-attention: argument checks and the backend call."""
 from __future__ import annotations
 
-
 from ..._dispatch import select_backend
 from ..._validation import check_float_tensor, check_key_padding_mask, check_same_device, check_same_dtype
 from . import torch_impl
