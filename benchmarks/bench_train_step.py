@@ -1,7 +1,8 @@
 """The whole COSMOS training step on one GPU: reference (upstream-style) vs fused kernels vs fused + compile.
 
 ViT-B/16 student and EMA teacher (``cosmos_fast.models`` config ``vit-b16``), 2 global 224 px + 6 local 96 px
-crops and 8 captions of 77 tokens per sample, random data; one step = student forward, teacher forward on the
+crops and 8 captions per sample (2 global of 1-5 sentences, 6 local of one, as cosmos.md's text crops; random
+sentences of 8-32 tokens, context 77), random data; one step = student forward, teacher forward on the
 global crops and captions, the COSMOS loss, backward, fused AdamW, temperature clamp, EMA update, all under
 bf16 autocast, exactly as ``train/train.py`` runs them (its ``losses`` and ``update_teacher``):
 - ``reference``: ``run.kernels=reference``: per-pair full logit matrices and F.cross_entropy, nn.MultiheadAttention
@@ -41,13 +42,21 @@ AGREEMENT_TOLERANCE = 2e-2  # relative, per step, bf16 autocast on both sides
 EAGER_UPSTREAM = "eager reference-style code: 372 samples/s at 128 per GPU, 47 GiB (kernels.md)"
 
 
+SENTENCE_TOKENS = (8, 32)  # the length of one random sentence, uniform
+
+
 def random_batch(B: int, cfg, vocab: int, device="cuda"):
-    """Fresh crops and captions: token ids with a start token, a random length and an end-of-text token."""
+    """Fresh crops and captions with cosmos.md's text crops' shape: a global caption joins 1-5 sentences (cut at
+    the context length), a local caption is one sentence; token ids with a start and an end-of-text token."""
     size, local_size, length = cfg.data.image_size, cfg.data.local_size, cfg.data.context_length
     global_crops = torch.randn(2, B, 3, size, size, device=device)
     local_crops = torch.randn(6, B, 3, local_size, local_size, device=device)
     captions = torch.zeros(8, B, length, dtype=torch.long, device=device)
-    lengths = torch.randint(5, length - 1, (8, B), device=device)
+    low, high = SENTENCE_TOKENS
+    sentences = torch.randint(low, high + 1, (8, B, 5), device=device)
+    joined = torch.arange(5, device=device) < torch.randint(1, 6, (8, B, 1), device=device)
+    joined[2:] = torch.arange(5, device=device) < 1  # the local captions: one sentence each
+    lengths = (sentences * joined).sum(-1).clamp(max=length - 2)
     words = torch.randint(1, vocab - 2, (8, B, length), device=device)
     positions = torch.arange(length, device=device)
     captions = torch.where(positions < lengths[..., None], words, captions)
