@@ -81,6 +81,10 @@ def main():
     loss.backward()  # DDP averages the parameter gradients over the ranks here
     grads = {name: p.grad for name, p in model.module.named_parameters() if p.grad is not None}
     torch.save({"loss": loss.detach(), "grads": grads}, args.out)
+    # both ranks done with every collective, and DDP's reducer released, before the group goes: a rank tearing
+    # gloo down while the other still used it once aborted at exit ("terminate called without an active exception")
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 
