@@ -91,6 +91,13 @@ def _layer_norms(query, context, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias,
     return ln_q.to(dt).reshape(-1, d), ln_k.to(dt), (mean_q, rstd_q, mean_k, rstd_k)
 
 
+def _prologue(query, context, ln_params, w_in, w_q, w_k, w_v, b_in, w_o, b_o, eps_q, eps_k, dt):
+    """Both forms' first step: the projection weights in the compute dtype (``_projection_weights``) and both
+    LayerNorms (``_layer_norms``): (weights, x_q, x_kv, stats)."""
+    weights = _projection_weights(w_in, w_q, w_k, w_v, b_in, w_o, b_o, query.shape[-1], dt)
+    return (weights, *_layer_norms(query, context, *ln_params, eps_q, eps_k, dt))
+
+
 def _layer_norm_backward(needs, grad_ln_q, grad_ln_k, grad_query, query, context, ln_params, stats):
     """(d query, d context, d ln_q.weight, d ln_q.bias, d ln_k.weight, d ln_k.bias) through both LayerNorms;
     ``needs`` is ctx.needs_input_grad."""
@@ -141,10 +148,9 @@ class _ProjectedKVPooler(torch.autograd.Function):
         B, Lq, d = query.shape
         Lk = context.shape[1]
         head_dim = d // n_heads
-        w_q_dt, w_kv_dt, b_in_dt, w_o_dt, b_o_dt = _projection_weights(w_in, w_q, w_k, w_v, b_in, w_o, b_o, d,
-                                                                       compute_dtype)
         ln_params = (ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias)
-        x_q, x_kv, stats = _layer_norms(query, context, *ln_params, eps_q, eps_k, compute_dtype)
+        (w_q_dt, w_kv_dt, b_in_dt, w_o_dt, b_o_dt), x_q, x_kv, stats = _prologue(
+            query, context, ln_params, w_in, w_q, w_k, w_v, b_in, w_o, b_o, eps_q, eps_k, compute_dtype)
         x_kv = x_kv.reshape(B * Lk, -1)
         q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t()).view(B, Lq, n_heads, head_dim)
         kv = torch.addmm(b_in_dt[d:], x_kv, w_kv_dt.t()).view(B, Lk, 2, n_heads, head_dim)
@@ -200,11 +206,10 @@ class _ContextSpacePooler(torch.autograd.Function):
         B, Lq, d = query.shape
         kdim = context.shape[2]
         H, head_dim = n_heads, d // n_heads
-        w_q_dt, w_kv_dt, b_in_dt, w_o_dt, b_o_dt = _projection_weights(w_in, w_q, w_k, w_v, b_in, w_o, b_o, d,
-                                                                       compute_dtype)
-        w_k_heads, w_v_heads = w_kv_dt[:d].view(H, head_dim, kdim), w_kv_dt[d:].view(H, head_dim, kdim)
         ln_params = (ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias)
-        x_q, x_kv, stats = _layer_norms(query, context, *ln_params, eps_q, eps_k, compute_dtype)
+        (w_q_dt, w_kv_dt, b_in_dt, w_o_dt, b_o_dt), x_q, x_kv, stats = _prologue(
+            query, context, ln_params, w_in, w_q, w_k, w_v, b_in, w_o, b_o, eps_q, eps_k, compute_dtype)
+        w_k_heads, w_v_heads = w_kv_dt[:d].view(H, head_dim, kdim), w_kv_dt[d:].view(H, head_dim, kdim)
         scale = head_dim ** -0.5
         # the queries with the score scale folded into the GEMM's epilogue: [B * Lq, d]
         q = torch.addmm(b_in_dt[:d], x_q, w_q_dt.t(), beta=scale, alpha=scale)
