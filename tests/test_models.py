@@ -157,3 +157,61 @@ def test_data_pipeline_feeds_the_model(tiny):
     with torch.no_grad():
         out = CosmosModel(config("tiny"))(batch["global"], batch["local"], batch["captions"])
     assert out["cross_text"].shape == (8, 3, 128)
+
+
+def _loss_and_grads(model, inputs):
+    """A scalar of every output, its gradients, and the bytes autograd saved for the backward outside any
+    checkpointed region."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*inputs)
+    loss = sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum()
+               for k, v in out.items() if v.ndim == 3)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved)
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less():
+    torch.manual_seed(0)
+    model = CosmosModel(config("tiny")).double()
+    inputs = batch(3)
+    loss, grads, saved = _loss_and_grads(model, inputs)
+    model.set_grad_checkpointing()
+    assert model.visual.grad_checkpointing and model.text.transformer.grad_checkpointing
+    ck_loss, ck_grads, ck_saved = _loss_and_grads(model, inputs)
+    assert ck_saved < saved / 2  # the tower blocks' activations are recomputed, not kept
+    torch.testing.assert_close(ck_loss, loss, rtol=1e-12, atol=0)
+    assert ck_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(ck_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    model.set_grad_checkpointing(False)
+    assert _loss_and_grads(model, inputs)[2] == saved
+
+
+def test_compile_towers_compiles_every_tower_block_and_keeps_outputs_and_names():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CosmosModel(config("tiny")).double()
+    inputs = batch(3)
+    names = list(model.state_dict())
+    with torch.no_grad():
+        expected = model(*inputs)
+    counter = CompileCounter()  # a backend that counts the graphs dynamo hands it and runs them as traced
+    model.compile_towers(backend=counter)
+    with torch.no_grad():
+        got = model(*inputs)
+    # one graph per block class and input shape: the image blocks (global and local crops), the text blocks
+    # (global and local captions, each at its own trimmed length)
+    assert counter.frame_count >= 2
+    assert list(model.state_dict()) == names
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    torch._dynamo.reset()

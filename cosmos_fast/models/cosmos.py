@@ -122,6 +122,20 @@ class CosmosModel(nn.Module):
         pooled = x[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
         return pooled @ text.text_projection, x
 
+    def compile_towers(self, **options) -> None:
+        """``torch.compile`` every transformer block of both towers in place (``nn.Module.compile``; ``options``
+        go to ``torch.compile``). Regional compilation: the blocks of a tower share one compiled graph, so the
+        first step compiles two blocks' worth, not two towers'. Parameter names and state dicts are unchanged;
+        the poolers and losses keep their own kernels."""
+        for block in [*self.visual.blocks, *self.text.transformer.resblocks]:
+            block.compile(**options)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each tower block's activations in the backward instead of keeping them (timm's and
+        open_clip's own switches): activation memory of one block per tower, for a second forward of each."""
+        self.visual.set_grad_checkpointing(enabled)
+        self.text.transformer.grad_checkpointing = enabled
+
     @torch.no_grad()
     def clamp_logit_scales_(self) -> None:
         """Keep both temperatures in [0, ln 100] (after every optimizer step, as upstream)."""
