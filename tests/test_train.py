@@ -106,6 +106,33 @@ def test_reference_kernels_match_fused(tmp_path, objective, backend, monkeypatch
                 torch.testing.assert_close(ref[part][name], value, rtol=1e-4, atol=1e-3, msg=f"{part}.{name}")
 
 
+@pytest.mark.parametrize("option", ["run.grad_checkpointing=true", "run.compile=true"])
+def test_checkpointing_and_compile_keep_the_losses(tmp_path, option):
+    """Recomputed activations and the compiled tower blocks (inductor, student and teacher) train as the eager
+    run does: the same losses step by step, the same weights (compiled: within rounding, as fused kernels
+    reorder sums)."""
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    runs = {}
+    for name, options in (("eager", []), ("option", [option])):
+        assert train.main(SMALL + options + [f"run.out_dir={tmp_path / name}"]) == 0
+        runs[name] = (_log(tmp_path / name), _state(tmp_path / name))
+    (eager_log, eager), (log, state) = runs["eager"], runs["option"]
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    assert compiled >= 4 if option == "run.compile=true" else compiled == 0
+    exact = option == "run.grad_checkpointing=true"
+    for a, b in zip(eager_log, log, strict=True):
+        for key in ("loss", "clip", "cosmos"):
+            assert b[key] == (a[key] if exact else pytest.approx(a[key], rel=1e-5)), (a["step"], key)
+    for part in ("model", "teacher"):
+        assert eager[part].keys() == state[part].keys()
+        for name, value in eager[part].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(state[part][name], value, rtol=0 if exact else 1e-4,
+                                           atol=0 if exact else 1e-3, msg=f"{part}.{name}")
+    torch._dynamo.reset()
+
+
 def _shards(tmp_path, n=8):
     data = ShapesDataset("train", size=n, image_size=32, seed=0)
     return write_shards((data[i] for i in range(n)), tmp_path / "shards", max_count=n)

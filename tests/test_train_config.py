@@ -28,6 +28,9 @@ def test_default_config_and_overrides():
     (["run.precision=fp8"], "run.precision must be one of auto, bf16, fp16, fp32"),
     (["teacher.schedule=linear"], "teacher.schedule must be one of fixed, cosine"),
     (["optim.accumulate=0"], "optim.accumulate must be at least 1"),
+    (["run.objective=simla", "run.kernels=reference"], "run.objective=simla runs on the fused kernels, eager"),
+    (["run.objective=simla", "run.compile=true"], "run.objective=simla runs on the fused kernels, eager"),
+    (["run.objective=simla", "run.grad_checkpointing=true"], "without FSDP or gradient checkpointing"),
 ])
 def test_bad_config_is_an_error(overrides, words):
     with pytest.raises(ValueError) as info:
@@ -38,6 +41,7 @@ def test_bad_config_is_an_error(overrides, words):
 def test_new_keys_default_to_the_plain_run():
     cfg = config.load(CONFIGS / "tiny-cpu.yaml")
     assert (cfg.run.kernels, cfg.run.precision, cfg.run.fsdp, cfg.run.tensorboard) == ("fused", "auto", False, False)
+    assert (cfg.run.compile, cfg.run.grad_checkpointing) == (False, False)
     assert cfg.optim.accumulate == 1 and cfg.teacher.update_before_step is False
 
 

@@ -1,6 +1,6 @@
 """The trainer launched as torchrun would (RANK, WORLD_SIZE, MASTER_* in the environment): 2 gloo processes on CPU
-equal one process on the same global batch, under DDP and under FSDP2, with the fused and the reference kernels
-(COSMOS, and PSD with its EMA-teacher targets)."""
+equal one process on the same global batch, under DDP and under FSDP2 (also with compiled, checkpointed tower
+blocks), with the fused and the reference kernels (COSMOS, and PSD with its EMA-teacher targets)."""
 import json
 import os
 import socket
@@ -50,9 +50,10 @@ def one_process(tmp_path_factory):
     return _run(out)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp reference"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp reference", "fsdp compile checkpointing"])
 def test_two_ranks_match_one_process(one_process, tmp_path, mode):
-    extra = {"ddp": [], "fsdp": ["run.fsdp=true"], "ddp reference": ["run.kernels=reference"]}[mode]
+    extra = {"ddp": [], "fsdp": ["run.fsdp=true"], "ddp reference": ["run.kernels=reference"],
+             "fsdp compile checkpointing": ["run.fsdp=true", "run.compile=true", "run.grad_checkpointing=true"]}[mode]
     _launch(TINY + extra + [f"run.out_dir={tmp_path}"])
     (expected_log, expected), (log, state) = one_process, _run(tmp_path)
     assert len(log) == len(expected_log) == 2

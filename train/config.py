@@ -86,6 +86,8 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (with a GradScaler) | fp32
     kernels: str = "fused"  # fused (cosmos_fast) | reference (upstream: per-pair full logits, per-tensor EMA, MHA)
     fsdp: bool = False  # under torchrun: shard student and teacher with FSDP2 instead of DDP on the student
+    compile: bool = False  # torch.compile each transformer block of both towers, student and teacher
+    grad_checkpointing: bool = False  # the student's tower blocks recompute their activations in the backward
     tensorboard: bool = False  # also write TensorBoard scalars to out_dir (needs the tensorboard package)
 
 
@@ -154,8 +156,11 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
         apply(cfg, {section: {name: _parse(raw)}})
     if cfg.run.objective not in ("cosmos", "clip", "psd", "simla"):
         raise ValueError(f"run.objective must be cosmos, clip, psd or simla, got {cfg.run.objective!r}")
-    if cfg.run.objective == "simla" and (cfg.run.kernels != "fused" or cfg.run.fsdp):
-        raise ValueError("run.objective=simla runs on the fused kernels, without FSDP (run.kernels=fused, run.fsdp=false)")
+    if cfg.run.objective == "simla" and (cfg.run.kernels != "fused" or cfg.run.fsdp or cfg.run.compile
+                                         or cfg.run.grad_checkpointing):
+        raise ValueError("run.objective=simla runs on the fused kernels, eager, without FSDP or gradient "
+                         "checkpointing (run.kernels=fused, run.fsdp=false, run.compile=false, "
+                         "run.grad_checkpointing=false)")
     if cfg.psd.source not in ("self", "ema"):
         raise ValueError(f"psd.source must be self or ema, got {cfg.psd.source!r}")
     if cfg.data.source not in ("shapes", "webdataset"):

@@ -206,6 +206,17 @@ def shard(model: CosmosModel, teacher_side: bool) -> None:
         register_fsdp_forward_method(model, name)
 
 
+def prepare_towers(student: CosmosModel, teacher: cosmos_fast.EMATeacher, cfg) -> None:
+    """run.grad_checkpointing: the student's tower blocks recompute their activations in the backward (the
+    teacher keeps none: it runs without gradients). run.compile: every tower block of student and teacher under
+    torch.compile, after sharding (FSDP2's order), each model its own graphs. The weights are untouched."""
+    if cfg.run.grad_checkpointing:
+        student.set_grad_checkpointing()
+    if cfg.run.compile:
+        student.compile_towers()
+        teacher.module.compile_towers()
+
+
 def gradient_sync(model, enabled: bool):
     """Reduce gradients across ranks only on a step's last micro-batch (DDP: no_sync; FSDP2: a flag)."""
     if isinstance(model, FSDPModule):
@@ -366,6 +377,7 @@ def train(cfg, resume: bool) -> int:
     if cfg.run.fsdp:
         shard(raw, teacher_side=False)
         shard(teacher.module, teacher_side=True)
+    prepare_towers(raw, teacher, cfg)
     # SIMLA's loss holds the momentum feature queues: its state is checkpointed
     loss_fn = (simla_lib.SIMLALoss(raw.config.embed_dim, cfg).to(device) if cfg.run.objective == "simla"
                else cosmos_fast.nn.CosmosLoss())
