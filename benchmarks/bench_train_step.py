@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from common import GIB, bar_plot, bench_args, print_table, require_cuda, save_results
+from common import (GIB, bar_plot, bench_args, failure_status, free_cuda_memory, print_table, require_cuda,
+                    save_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 import config as config_lib  # noqa: E402
@@ -174,9 +175,9 @@ def main() -> int:
                 continue
             try:
                 result = run_variant(variant, B, 3 if args.quick else args.steps)
-            except torch.OutOfMemoryError:
-                result = {"status": "oom"}
-            torch.cuda.empty_cache()
+            except Exception as exc:  # out of memory (raw, or wrapped by a compile), or a failing variant
+                result = {"status": failure_status(exc)}
+            free_cuda_memory()  # outside the except block, whose traceback held the failed step's tensors
             goal = f">= {GOAL_SAMPLES_PER_S}/s" if B == 128 and variant != "reference" else (
                 "<= 75 GiB" if B == 256 and variant != "reference" else None)
             met = None

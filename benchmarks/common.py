@@ -55,7 +55,17 @@ def _is_oom(exc: BaseException | None) -> bool:
     return False
 
 
-def _free_cuda_memory() -> None:
+def failure_status(exc: BaseException) -> str:
+    """A results row's status for a failed run: "oom", or "error: <type>: <first line>" with the traceback
+    printed (call it inside the ``except`` block)."""
+    if _is_oom(exc):
+        return "oom"
+    traceback.print_exc()
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"error: {type(exc).__name__}: {first_line}"
+
+
+def free_cuda_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -110,13 +120,10 @@ def measure(
         ms = statistics.median([s.elapsed_time(e) for s, e in events])
         peak_gib = (torch.cuda.max_memory_allocated() - baseline) / GIB
     except Exception as exc:  # one failing implementation must not end the whole benchmark
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        status = "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {first_line}"
-        if status != "oom":
-            traceback.print_exc()
+        status = failure_status(exc)
     # Freed outside the except block: the traceback held the frames (and tensors) of the failed call.
     inputs = None
-    _free_cuda_memory()
+    free_cuda_memory()
     if status != "ok":
         return {"ms": None, "peak_gib": None, "reps": 0, "status": status}
     return {"ms": ms, "peak_gib": peak_gib, "reps": n, "status": status}
