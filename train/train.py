@@ -209,7 +209,8 @@ def shard(model: CosmosModel, teacher_side: bool) -> None:
 def prepare_towers(student: CosmosModel, teacher: cosmos_fast.EMATeacher, cfg) -> None:
     """run.grad_checkpointing: the student's tower blocks recompute their activations in the backward (the
     teacher keeps none: it runs without gradients). run.compile: every tower block of student and teacher under
-    torch.compile, after sharding (FSDP2's order), each model its own graphs. The weights are untouched."""
+    torch.compile, after sharding (FSDP2's order; the teacher's graphs are its no-grad ones). The weights are
+    untouched."""
     if cfg.run.grad_checkpointing:
         student.set_grad_checkpointing()
     if cfg.run.compile:
