@@ -266,6 +266,36 @@ def test_pooler_paths_return_the_same_dtype(pooler_path, dtype, residual):
         assert out.dtype == (torch.float32 if residual else torch.bfloat16)
 
 
+@pytest.mark.parametrize("form", ["context_space", "projected_kv"])
+def test_fused_pooler_normalizes_in_fp32_where_cuda_autocast_would(form, monkeypatch):
+    """Under CUDA autocast F.normalize returns fp32 for bf16 input (the norm runs in fp32 and the division
+    promotes), so the module's composition does; CPU autocast keeps bf16. The fused forms follow the composition
+    on each device: forced here to CUDA's rule, a bf16 query gives an fp32 output equal to F.normalize in fp32 of
+    the unnormalised pooler, gradients included (float64 reference of the same bf16 computation)."""
+    if not (_dispatch.triton_available() and _dispatch.triton_interpreted()):
+        pytest.skip("the fast backend on CPU tensors needs triton and TRITON_INTERPRET=1")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    monkeypatch.setattr(pooler_ops, "pooler_form", lambda query, n_heads: form)
+    torch.manual_seed(0)
+    pooler = cosmos_fast.nn.CrossAttentionPooler(32, 4)
+    query = torch.randn(3, 8, 32).bfloat16().requires_grad_()
+    context = torch.randn(3, 12, 32).requires_grad_()
+    grad = torch.randn(3, 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = pooler(query, context)
+        monkeypatch.setattr(pooler_ops, "_normalize_upcasts", lambda query: True)
+        upcast = pooler(query, context)
+        unnormalized = pooler(query, context, normalize=False)
+    assert (kept.dtype, upcast.dtype, unnormalized.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    expected = F.normalize(unnormalized.double(), dim=-1)
+    torch.testing.assert_close(upcast.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept.double(), expected, rtol=1e-2, atol=1e-2)  # the same, rounded to bf16
+    grads = torch.autograd.grad(upcast, [query, context], grad)
+    expected_grads = torch.autograd.grad(expected, [query, context], grad.double())
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e.to(g.dtype).double(), rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("Lq,H,d,dtype,form", [
     (8, 8, 512, torch.bfloat16, "context_space"),  # COSMOS: 64 projected queries against d = 512
     (64, 8, 512, torch.float32, "context_space"),

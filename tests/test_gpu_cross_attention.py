@@ -76,6 +76,22 @@ def test_fused_pooler_matches_float64(B, Lk, kdim, autocast, form, monkeypatch):
         assert error < tolerance, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_pooler_returns_the_compositions_dtype_under_autocast(query_dtype, normalize, monkeypatch):
+    """Under CUDA autocast F.normalize returns fp32 for bf16 input: the fused forms must return what the
+    composition returns, or the COSMOS loss would get bf16 students against fp32 teachers."""
+    pooler = cosmos_fast.nn.CrossAttentionPooler(512, 8).cuda()
+    query = torch.randn(4, 8, 512, device="cuda", dtype=query_dtype)
+    context = torch.randn(4, 77, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = pooler(query, context, normalize=normalize)
+        monkeypatch.setenv(cosmos_fast._dispatch.ENV_VAR, "torch")
+        composition = pooler(query, context, normalize=normalize)
+    assert fused.dtype == composition.dtype
+    torch.testing.assert_close(fused.float(), composition.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_cosmos_pooler_takes_the_context_space_form():
     pooler = cosmos_fast.nn.CrossAttentionPooler(512, 8).cuda()
     assert pooler._fused_form(torch.randn(4, 8, 512, device="cuda")) == "context_space"

@@ -19,7 +19,8 @@ COSMOS's sizes. Both forms run it as one ``autograd.Function`` with as few launc
 In both, the input gradients of the projections come out of the GEMM in fp32 (``out_dtype``) for the LayerNorm
 backward, never as a separate cast of a large tensor. Under autocast the GEMMs and the attention products run
 in the autocast dtype and the LayerNorms, the softmax, the residual and the normalisation in fp32, as the eager
-``nn.MultiheadAttention`` pooler does; parameter gradients come back in the parameters' dtype.
+``nn.MultiheadAttention`` pooler does, and the output has the composition's dtype (after the normalisation fp32
+under CUDA autocast, the input's under CPU autocast); parameter gradients come back in the parameters' dtype.
 """
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def _empty_samples(key_padding_mask):
     return None if key_padding_mask is None else key_padding_mask.all(dim=1)[:, None, None]
 
 
-def _epilogue(query, out, empty, residual, normalize):
-    """out [B, Lq, d] -> (y, norm): zeros for samples without context, residual add, L2 normalisation."""
+def _epilogue(query, out, empty, residual, normalize, upcast_norm):
+    """out [B, Lq, d] -> (y, norm): zeros for samples without context, residual add, L2 normalisation (returned in
+    fp32 with ``upcast_norm``, see ``_normalize_upcasts``)."""
     if empty is not None:  # a sample without any context token gets no contribution (not the projections' biases)
         out = out.masked_fill(empty, 0.0)
     y = query + out if residual else out
@@ -67,7 +69,7 @@ def _epilogue(query, out, empty, residual, normalize):
     if normalize:
         norm_dtype = torch.promote_types(y.dtype, torch.float32)
         norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True, dtype=norm_dtype).clamp_min(NORM_EPS)
-        y = (y / norm).to(y.dtype)  # F.normalize's dtype: bf16 inputs without autocast stay bf16
+        y = (y / norm).to(norm.dtype if upcast_norm else y.dtype)  # F.normalize's dtype (``_normalize_upcasts``)
     return y, norm
 
 
@@ -138,13 +140,13 @@ def _backward_grads(ctx, params, grad_ln_q, grad_ln_k, grad_query, grad_w_o, gra
     query, context, *rest = ctx.saved_tensors[:10]
     g_query, g_context, *ln_grads = _layer_norm_backward(ctx.needs_input_grad, grad_ln_q, grad_ln_k, grad_query,
                                                          query, context, rest[:4], rest[4:])
-    return (g_query, g_context, None, *ln_grads, *params, grad_w_o, grad_b_o, None, None, None, None, None, None)
+    return (g_query, g_context, None, *ln_grads, *params, grad_w_o, grad_b_o, None, None, None, None, None, None, None)
 
 
 class _ProjectedKVPooler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, context, key_padding_mask, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, w_in, w_q, w_k,
-                w_v, b_in, w_o, b_o, eps_q, eps_k, n_heads, compute_dtype, residual, normalize):
+                w_v, b_in, w_o, b_o, eps_q, eps_k, n_heads, compute_dtype, residual, normalize, upcast_norm):
         B, Lq, d = query.shape
         Lk = context.shape[1]
         head_dim = d // n_heads
@@ -159,7 +161,7 @@ class _ProjectedKVPooler(torch.autograd.Function):
         attn, lse = triton_kernels.cross_attention_fwd(q, kv[:, :, 0], kv[:, :, 1], mask, ctx.scale)
         out = torch.addmm(b_o_dt, attn.view(B * Lq, d), w_o_dt.t()).view(B, Lq, d)
         empty = _empty_samples(key_padding_mask)
-        y, norm = _epilogue(query, out, empty, residual, normalize)
+        y, norm = _epilogue(query, out, empty, residual, normalize, upcast_norm)
         _save(ctx, query, context, ln_params, stats, w_in, w_q, b_in, w_o, b_o, n_heads, residual, normalize,
               mask, empty, x_q, x_kv, q, kv, attn, lse, w_q_dt, w_kv_dt, w_o_dt, y if normalize else None, norm)
         return y
@@ -202,7 +204,7 @@ def _samples_to_heads(x, B, n_heads, Lq):
 class _ContextSpacePooler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, context, key_padding_mask, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, w_in, w_q, w_k,
-                w_v, b_in, w_o, b_o, eps_q, eps_k, n_heads, compute_dtype, residual, normalize):
+                w_v, b_in, w_o, b_o, eps_q, eps_k, n_heads, compute_dtype, residual, normalize, upcast_norm):
         B, Lq, d = query.shape
         kdim = context.shape[2]
         H, head_dim = n_heads, d // n_heads
@@ -230,7 +232,7 @@ class _ContextSpacePooler(torch.autograd.Function):
         attn = torch.baddbmm(b_in_dt[2 * d:].view(H, 1, head_dim), x_mean, w_v_heads.transpose(1, 2))
         attn = attn.transpose(0, 1).reshape(B * Lq, d)
         out = torch.addmm(b_o_dt, attn, w_o_dt.t()).view(B, Lq, d)
-        y, norm = _epilogue(query, out, empty, residual, normalize)
+        y, norm = _epilogue(query, out, empty, residual, normalize, upcast_norm)
         _save(ctx, query, context, ln_params, stats, w_in, w_q, b_in, w_o, b_o, n_heads, residual, normalize,
               empty, x_q, x_kv, q, q_ctx, probs, probs_dt, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt,
               y if normalize else None, norm)
@@ -285,6 +287,14 @@ def _compute_dtype(query) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
 
 
+def _normalize_upcasts(query) -> bool:
+    """Whether F.normalize, as the module's composition calls it here, returns fp32 for 16-bit input: under CUDA
+    autocast it does (``linalg_vector_norm`` is on CUDA autocast's fp32 list, and dividing by the fp32 norm
+    promotes); CPU autocast keeps the input's dtype. The fused forms return what the composition returns."""
+    device = query.device.type
+    return device != "cpu" and torch.is_autocast_enabled(device)
+
+
 def pooler_form(query, n_heads: int) -> str | None:
     """The single-node form for this call, or None where neither covers it (the module's composition runs).
 
@@ -313,8 +323,8 @@ def fused_pooler(query, context, key_padding_mask, ln_q, ln_k, attn, *, residual
         w_in, w_q, w_k, w_v = attn.in_proj_weight, None, None, None
     else:
         w_in, w_q, w_k, w_v = None, attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
-    compute_dtype = _compute_dtype(query)
+    compute_dtype, upcast_norm = _compute_dtype(query), _normalize_upcasts(query)  # read while autocast is on
     with torch.autocast(query.device.type, enabled=False):
         return FORMS[form].apply(query, context, key_padding_mask, ln_q.weight, ln_q.bias, ln_k.weight, ln_k.bias,
                                  w_in, w_q, w_k, w_v, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                                 ln_q.eps, ln_k.eps, attn.num_heads, compute_dtype, residual, normalize)
+                                 ln_q.eps, ln_k.eps, attn.num_heads, compute_dtype, residual, normalize, upcast_norm)
