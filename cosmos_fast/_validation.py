@@ -1,6 +1,9 @@
 """Argument checks shared by the public ops: each failure names the argument."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -20,6 +23,8 @@ def check_float_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
 
 def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, x in others.items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x is not None and x.device != ref.device:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; all inputs must share a device")
 
@@ -41,19 +46,29 @@ def check_key_padding_mask(mask, batch: int, n_keys: int) -> None:
         raise ValueError(f"key_padding_mask must have shape [{batch}, {n_keys}], got {tuple(mask.shape)}")
 
 
+def check_positive_number(name: str, value) -> float:
+    """A finite real number > 0 (numpy scalars included) as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def as_scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d floating tensor from a Python number or a one-element tensor (autograd kept)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a 0-d tensor or a Python number, got {type(value).__name__}")
+    """A 0-d floating tensor from a positive real number or a one-element tensor (autograd kept; a tensor's
+    value is not inspected, which would synchronise with the GPU)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-d tensor), got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a scalar (a 0-d or one-element tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
         return value.reshape(())
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a 0-d tensor or a positive real number, got {type(value).__name__}")
+    return torch.tensor(check_positive_number(name, value), dtype=torch.float32, device=like.device)
 
 
 def check_unit_interval(name: str, value) -> float:

@@ -1,4 +1,5 @@
 """Contrastive-loss API: argument errors, memory (no N x N buffer), dispatch, torch.library registration."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,16 @@ A, B = feats(8, 16, seed=1), feats(8, 16, seed=2)
 TEACHER = (feats(8, 4, seed=3), feats(8, 4, seed=4), torch.tensor(3.0))
 
 
+VIEWS2, VIEWS8 = feats(2, 8, 16, seed=5), feats(8, 8, 16, seed=6)
+
+
+def cosmos_loss(**features):
+    """CosmosLoss on well-formed COSMOS shapes ([2|8, N=8, D=16]) with ``features`` replaced."""
+    args = dict(image_features=VIEWS2, text_features=VIEWS8, cross_image_features=VIEWS8, cross_text_features=VIEWS8,
+                teacher_image_features=VIEWS2, teacher_text_features=VIEWS2)
+    return cosmos_fast.nn.CosmosLoss()(**{**args, **features}, logit_scale=2.0, distill_logit_scale=3.0)
+
+
 @pytest.mark.parametrize("call,error,words", [
     (lambda: cosmos_fast.contrastive_loss(A, feats(9, 16), 1.0), ValueError, "number of rows N"),
     (lambda: cosmos_fast.contrastive_loss(A, feats(8, 12), 1.0), ValueError, "feature size D"),
@@ -32,6 +43,8 @@ TEACHER = (feats(8, 4, seed=3), feats(8, 4, seed=4), torch.tensor(3.0))
     (lambda: cosmos_fast.contrastive_loss(A[0], B[0], 1.0), ValueError, "a must have 2 dimensions"),
     (lambda: cosmos_fast.contrastive_loss(A, B, torch.ones(2)), ValueError, "scale must be a scalar"),
     (lambda: cosmos_fast.contrastive_loss(A, B, "1"), TypeError, "scale must be a 0-d tensor"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, float("nan")), ValueError, "scale must be a finite number > 0"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, -2.0), ValueError, "scale must be a finite number > 0"),
     (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=1.5), ValueError, "alpha must be in [0, 1]"),
     (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, teacher=TEACHER, alpha=-0.1), ValueError, "alpha must be in [0, 1]"),
     (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, alpha=0.3), ValueError, "alpha > 0 needs soft targets"),
@@ -49,11 +62,30 @@ TEACHER = (feats(8, 4, seed=3), feats(8, 4, seed=4), torch.tensor(3.0))
     (lambda: cosmos_fast.multiview_contrastive_loss(feats(2, 8, 16), feats(3, 7, 16), 1.0),
      ValueError, "number of rows N"),
     (lambda: cosmos_fast.nn.ContrastiveLoss(use_horovod=True), ValueError, "use_horovod"),
+    (lambda: cosmos_loss(cross_image_features=VIEWS8.long()), TypeError, "cross_image_features must be a floating"),
+    (lambda: cosmos_loss(teacher_text_features=VIEWS2.bool()), TypeError, "teacher_text_features must be a floating"),
+    (lambda: cosmos_loss(cross_text_features=VIEWS8.double()), TypeError,
+     "cross_text_features has dtype torch.float64 but image_features has torch.float32"),
+    (lambda: cosmos_loss(cross_text_features=VIEWS8[:6]), ValueError,
+     "cross_image_features and cross_text_features must have the same number of views, got 8 and 6"),
+    (lambda: cosmos_loss(teacher_image_features=VIEWS8), ValueError,
+     "teacher_image_features and teacher_text_features must have the same number of views"),
+    (lambda: cosmos_loss(text_features=VIEWS8[:, :7]), ValueError, "text_features must have shape [V, N=8, D=16]"),
+    (lambda: cosmos_loss(cross_image_features=VIEWS8[..., :12]), ValueError, "cross_image_features must have shape"),
+    (lambda: cosmos_loss(cross_image_features=[VIEWS8]), TypeError, "cross_image_features must be a torch.Tensor"),
+    (lambda: cosmos_loss(image_features=VIEWS2[0]), ValueError, "image_features must have 3 dimensions"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=None) as info:
         call()
     assert words in str(info.value)
+
+
+def test_scale_takes_any_real_number_type():
+    """numpy scalars (np.float32 is no Python float) are numbers like any other; the loss is the same."""
+    expected = cosmos_fast.contrastive_loss(A, B, 2.5)
+    for scale in (np.float32(2.5), np.float64(2.5), torch.tensor([2.5])):
+        torch.testing.assert_close(cosmos_fast.contrastive_loss(A, B, scale), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("N", [4096, 1024])

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import select_backend
-from .._validation import check_float_tensor, check_key_padding_mask, check_same_device
+from .._validation import check_float_tensor, check_key_padding_mask, check_same_device, check_same_dtype
 from ..ops.attention import cross_attention
 
 
@@ -31,6 +31,11 @@ class CrossAttentionPooler(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, kdim: int | None = None):
         super().__init__()
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("kdim", kdim)):
+            if value is None and name == "kdim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         kdim = d_model if kdim is None else kdim
@@ -57,6 +62,12 @@ class CrossAttentionPooler(nn.Module):
         check_float_tensor("query", query, 3)
         check_float_tensor("context", context, 3)
         check_same_device("query", query, context=context, key_padding_mask=key_padding_mask)
+        if not torch.is_autocast_enabled(query.device.type):  # autocast casts mixed inputs; eager ops would refuse
+            check_same_dtype("query", query, context=context)
+            weight = self.ln_q.weight
+            if weight.dtype != query.dtype:
+                raise TypeError(f"query has dtype {query.dtype} but the module's parameters are {weight.dtype}; "
+                                f"convert one (module.to(dtype)) or run under torch.autocast")
         d, kdim = self.attn.embed_dim, self.attn.kdim
         if query.shape[-1] != d:
             raise ValueError(f"query must have shape [B, Lq, d_model={d}], got {tuple(query.shape)}")

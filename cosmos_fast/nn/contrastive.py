@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._validation import check_float_tensor, check_same_device, check_same_dtype
 from ..distributed import world
 from ..ops.contrastive.functional import contrastive_loss, multiview_contrastive_loss
 
@@ -69,8 +70,31 @@ class CosmosLoss(nn.Module):
         super().__init__()
         self.group = group
 
+    @staticmethod
+    def _check_features(**features) -> None:
+        """Each argument by its own name: [V, N, D] floats of one dtype and device, one N and D; the four
+        groups of L_COSMOS equal in size (else the one multiview mean is not the mean of the four groups)."""
+        (ref_name, ref), *others = features.items()
+        for name, x in features.items():
+            check_float_tensor(name, x, 3)
+        check_same_device(ref_name, ref, **dict(others))
+        check_same_dtype(ref_name, ref, **dict(others))
+        for name, x in others:
+            if x.shape[1:] != ref.shape[1:]:
+                raise ValueError(f"{name} must have shape [V, N={ref.shape[1]}, D={ref.shape[2]}] like {ref_name}, "
+                                 f"got {tuple(x.shape)}")
+        for student, other in (("cross_image_features", "cross_text_features"),
+                               ("teacher_image_features", "teacher_text_features")):
+            if features[student].shape[0] != features[other].shape[0]:
+                raise ValueError(f"{student} and {other} must have the same number of views, got "
+                                 f"{features[student].shape[0]} and {features[other].shape[0]}")
+
     def forward(self, image_features, text_features, cross_image_features, cross_text_features,
                 teacher_image_features, teacher_text_features, logit_scale, distill_logit_scale) -> CosmosLossOutput:
+        self._check_features(image_features=image_features, text_features=text_features,
+                             cross_image_features=cross_image_features, cross_text_features=cross_text_features,
+                             teacher_image_features=teacher_image_features,
+                             teacher_text_features=teacher_text_features)
         clip = multiview_contrastive_loss(image_features, text_features, logit_scale, group=self.group)
         students = torch.cat([cross_image_features, cross_text_features])
         teachers = torch.cat([teacher_image_features, teacher_text_features]).detach()

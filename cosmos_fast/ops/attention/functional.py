@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..._dispatch import select_backend
-from ..._validation import check_float_tensor, check_key_padding_mask, check_same_device, check_same_dtype
+from ..._validation import (check_float_tensor, check_key_padding_mask, check_positive_number, check_same_device,
+                           check_same_dtype)
 from . import torch_impl
 
 
@@ -13,7 +14,7 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
         q: [B, Lq, H, Dh] queries; k, v: [B, Lk, H, Dh] keys and values (the xformers/FlashAttention layout);
             fp32, bf16 or fp16 (fp64 on the PyTorch path), one dtype and device.
         key_padding_mask: optional bool [B, Lk], True = ignore (``nn.MultiheadAttention``'s convention).
-        scale: softmax scale, default Dh ** -0.5.
+        scale: softmax scale, a finite number > 0 (default Dh ** -0.5).
 
     Returns:
         [B, Lq, H, Dh] in q's dtype. A sample whose keys are all masked gets zeros (and zero gradients).
@@ -32,9 +33,8 @@ def cross_attention(q, k, v, key_padding_mask=None, scale=None):
     if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, Dh):
         raise ValueError(f"k must have shape [B={B}, Lk, H={H}, Dh={Dh}] to match q, got {tuple(k.shape)}")
     check_key_padding_mask(key_padding_mask, B, k.shape[1])
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
-    scale = Dh ** -0.5 if scale is None else float(scale)
+    # a number, not a tensor: the kernels take it as a launch argument (a tensor would cost a GPU sync)
+    scale = Dh ** -0.5 if scale is None else check_positive_number("scale", scale)
     from .triton_kernels import supports
 
     # The Triton kernel holds a (sample, head) pair's queries in one tile; SDPA serves longer query sets.
