@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from cosmos_fast.data import MultiCrop, ShapesDataset, crop_text, sentence_pool
+from cosmos_fast.data import MultiCrop, ShapesDataset, collate_views, crop_text, sentence_pool
 from cosmos_fast.data import preview
 
 
@@ -42,6 +42,19 @@ def test_sentence_pool_and_fallback():
     assert pool == ["A dog runs", "The dog is brown", "It runs fast", "The sky is blue"]
     assert sentence_pool("...", []) == ["..."]  # nothing usable: the raw caption itself
     assert sentence_pool("", []) == []
+    # one long caption as a plain string is one text, not a sequence of one-letter sentences
+    assert sentence_pool("A cat.", "A dog sits. It waits") == ["A cat", "A dog sits", "It waits"]
+    with pytest.raises(TypeError, match="raw_caption must be a string"):
+        sentence_pool(["A cat."], [])
+
+
+def test_bad_data_input_names_the_argument():
+    with pytest.raises(TypeError, match="pool must be a list of sentences"):
+        crop_text("a cat", random.Random(0))  # would crop single letters
+    with pytest.raises(ValueError, match="collate_views got no examples"):
+        collate_views([None, None])
+    with pytest.raises(TypeError, match="image must be a PIL image or a uint8 tensor"):
+        MultiCrop(32, 16)(torch.rand(3, 40, 40))
 
 
 def test_text_crops_counts_and_determinism():

@@ -21,7 +21,7 @@ def test_retrieval_recall_hand_computed():
     # text->image: captions 1, 3, 4 find their image first; caption 0 ranks image 0 second; caption 2 ranks
     # image 1 second
     assert m["t2i_R@1"] == pytest.approx(60.0) and m["t2i_R@2"] == pytest.approx(100.0)
-    with pytest.raises(ValueError, match="one entry per caption"):
+    with pytest.raises(ValueError, match=r"text_image must have shape \[5\]"):
         retrieval_recall(images, texts, text_image[:4])
 
 
@@ -59,3 +59,40 @@ def test_top5_and_recall_at_5_hand_computed():
     # image->text: image 0 ranks caption 0 first; image 1 ranks caption 2 third; image 2 ranks caption 4 fifth;
     # image 3 ranks caption 6 first
     assert m["i2t_R@1"] == pytest.approx(50.0) and m["i2t_R@5"] == pytest.approx(100.0)
+
+
+IMAGES, TEXTS, TEXT_IMAGE = torch.eye(3), torch.eye(3)[[0, 0, 1, 2]], torch.tensor([0, 0, 1, 2])
+CLASSES, LABELS = torch.eye(3), torch.tensor([0, 2, 1])
+
+
+@pytest.mark.parametrize("call,error,words", [
+    # an image without captions used to count as found at rank 0 (argmax of an all-False row)
+    (lambda: retrieval_recall(IMAGES, TEXTS[:2], TEXT_IMAGE[:2]), ValueError,
+     "text_image gives no caption to 2 of the 3 images (first: image 1)"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, torch.tensor([0, 0, 1, 3])), ValueError,
+     "text_image must hold image indexes in [0, 3), got values in [0, 3]"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, torch.tensor([0, 0, 1, -1])), ValueError, "image indexes in [0, 3)"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, TEXT_IMAGE.float()), TypeError, "text_image must be an integer tensor"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, TEXT_IMAGE.tolist()), TypeError, "text_image must be an integer tensor"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, TEXT_IMAGE[:, None]), ValueError, "text_image must have shape [4]"),
+    (lambda: retrieval_recall(IMAGES, TEXTS[:, :2], TEXT_IMAGE), ValueError, "must have the same dimension D"),
+    (lambda: retrieval_recall(IMAGES[0], TEXTS, TEXT_IMAGE), ValueError, "image_emb must have 2 dimensions"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, TEXT_IMAGE, ks=(0, 1)), ValueError, "ks must be a non-empty sequence"),
+    (lambda: retrieval_recall(IMAGES, TEXTS, TEXT_IMAGE, ks=()), ValueError, "ks must be a non-empty sequence"),
+    # labels [I, 1] broadcast against the top-k indexes; labels >= C counted as misses
+    (lambda: classification_accuracy(IMAGES, LABELS[:, None], CLASSES), ValueError, "labels must have shape [3]"),
+    (lambda: classification_accuracy(IMAGES, LABELS[:1], CLASSES), ValueError, "labels must have shape [3]"),
+    (lambda: classification_accuracy(IMAGES, torch.tensor([0, 2, 3]), CLASSES), ValueError,
+     "labels must hold class indexes in [0, 3)"),
+    (lambda: classification_accuracy(IMAGES, LABELS, CLASSES, ks=(-1,)), ValueError, "ks must be"),
+    (lambda: classification_accuracy(IMAGES, LABELS, CLASSES[:, :2]), ValueError, "same dimension D"),
+    (lambda: class_embeddings(lambda t: torch.ones(len(t), 2), "cat"), TypeError,
+     "class_names must be a non-empty list of strings"),
+    (lambda: class_embeddings(lambda t: torch.ones(len(t), 2), ["cat", 3]), TypeError, "class_names must hold strings"),
+    (lambda: class_embeddings(lambda t: torch.ones(len(t), 2), ["cat"], templates=("a photo",)), ValueError,
+     "every template needs a {} for the class name"),
+])
+def test_bad_input_names_the_argument(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)

@@ -80,6 +80,38 @@ def test_forward_shapes_and_normalisation(tiny):
     torch.testing.assert_close(out["logit_scale"], torch.tensor(1 / 0.07, dtype=torch.float64))
 
 
+def test_forward_checks_its_arguments(tiny):
+    """Each bad argument by name; a caption batch unlike the crops' used to be reshaped silently (only its first
+    group was used)."""
+    global_crops, local_crops, captions = batch(2)
+    cases = [
+        ((global_crops, local_crops, torch.cat([captions, captions], dim=1)), ValueError,
+         "captions must have shape [C, B=2, L <= 32], got (8, 4, 32)"),
+        ((global_crops, local_crops, captions[:, :1]), ValueError, "captions must have shape [C, B=2"),
+        ((global_crops, local_crops, captions.double()), TypeError, "captions must be an int64"),
+        ((global_crops, local_crops, captions[0]), ValueError, "captions must be a non-empty 3-d tensor"),
+        ((global_crops, local_crops[:, :1], captions), ValueError, "local_crops must have shape [V, B=2, 3, H, W]"),
+        ((global_crops, local_crops.float(), captions), TypeError, "local_crops has dtype torch.float32"),
+        ((global_crops[..., :60, :60], local_crops, captions), ValueError,
+         "global_crops's height and width must be multiples of the patch size 8, got (60, 60)"),
+        ((global_crops[0], local_crops, captions), ValueError, "global_crops must have 5 dimensions"),
+    ]
+    for args, error, words in cases:
+        with pytest.raises(error) as info:
+            tiny(*args)
+        assert words in str(info.value)
+    with pytest.raises(ValueError, match="ids must be a non-empty 2-d tensor"):
+        trim_to_longest(captions[0, 0])
+
+
+def test_loading_weights_that_are_not_there_is_an_error(tiny):
+    with pytest.raises(KeyError, match=r"which='teacher' is not in the checkpoint; it holds the weights \['student'\]"):
+        load_open_clip_weights(tiny, {"student": {"logit_scale": torch.tensor(2.0)}}, which="teacher",
+                               ignore_unknown=True)
+    with pytest.raises(ValueError, match="holds no open_clip CLIP weights"):
+        load_open_clip_weights(tiny, {"epoch": 3, "head.weight": torch.zeros(2)}, ignore_unknown=True)
+
+
 def test_padding_masked_output_equals_output_without_padding(tiny):
     """Masking a caption's padding gives what the sample gets when its caption has no padding at all (alone in
     its batch, trimmed to its own length)."""

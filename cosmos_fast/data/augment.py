@@ -53,4 +53,7 @@ class MultiCrop:
         self.n_local = n_local
 
     def __call__(self, image) -> list[torch.Tensor]:
+        # the solarize threshold (128) and the colour ops' ranges are those of 8-bit pixels
+        if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
+            raise TypeError(f"image must be a PIL image or a uint8 tensor [3, H, W], got a {image.dtype} tensor")
         return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.n_local)]

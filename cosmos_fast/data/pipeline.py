@@ -44,6 +44,8 @@ def collate_views(examples: list[dict | None]) -> dict:
     """Batch examples view-major, as the model takes them: "global" [2, B, ...], "local" [V, B, ...],
     "captions" [8, B, L], "keys" [B]. Skipped (None) examples are dropped."""
     examples = [e for e in examples if e is not None]
+    if not examples:
+        raise ValueError("collate_views got no examples (every one was skipped as None)")
     return {
         "keys": [e["key"] for e in examples],
         "global": torch.stack([e["global"] for e in examples], dim=1),

@@ -11,7 +11,12 @@ _SPLIT = re.compile(r"[\n.]+")
 
 def sentence_pool(raw_caption: str, long_captions: Iterable[str] = ()) -> list[str]:
     """Sentences of the raw caption and the long captions (split on newlines and '.'), stripped, non-empty,
-    in order, duplicates removed. A caption with no usable sentence falls back to the raw caption itself."""
+    in order, duplicates removed. A caption with no usable sentence falls back to the raw caption itself.
+    ``long_captions`` is a list of strings, or one string (one long caption, not a sequence of characters)."""
+    if raw_caption is not None and not isinstance(raw_caption, str):
+        raise TypeError(f"raw_caption must be a string or None, got {type(raw_caption).__name__}")
+    if isinstance(long_captions, str):
+        long_captions = [long_captions]
     pool: list[str] = []
     for text in [raw_caption, *long_captions]:
         for sentence in _SPLIT.split(text or ""):
@@ -35,6 +40,8 @@ def crop_text(pool: list[str], rng: random.Random, n_global: int = 2, n_local: i
               max_global_sentences: int = 5) -> list[str]:
     """``n_global`` global captions (each n ~ U{1..max} sentences joined with ". ") then ``n_local`` local
     captions (one sentence each). ``rng`` makes it deterministic under a seed."""
+    if isinstance(pool, str) or not all(isinstance(s, str) for s in pool):
+        raise TypeError(f"pool must be a list of sentences (strings), as sentence_pool returns, got {pool!r:.80}")
     if not pool:
         raise ValueError("pool must hold at least one sentence")
     global_captions = [". ".join(_sample(pool, rng.randint(1, max_global_sentences), rng))

@@ -6,7 +6,42 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_float_tensor
+
 OPENAI_TEMPLATES_SHORT = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} in the picture.")
+
+
+def _check_embeddings(name_a: str, a, name_b: str, b) -> None:
+    check_float_tensor(name_a, a, 2)
+    check_float_tensor(name_b, b, 2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} [*, {a.shape[1]}] and {name_b} [*, {b.shape[1]}] must have the same dimension D")
+
+
+def _check_indexes(name: str, x, length: int, bound: int, what: str) -> None:
+    """A 1-d integer tensor of ``length`` entries in [0, bound)."""
+    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be an integer tensor of {what} indexes, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape != (length,):
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(x.shape)}")
+    if length and (int(x.min()) < 0 or int(x.max()) >= bound):
+        raise ValueError(f"{name} must hold {what} indexes in [0, {bound}), got values in "
+                         f"[{int(x.min())}, {int(x.max())}]")
+
+
+def _check_ks(ks) -> tuple[int, ...]:
+    ks = tuple(ks) if isinstance(ks, Sequence) else ks
+    if not isinstance(ks, tuple) or not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
+    return ks
+
+
+def _check_strings(name: str, values) -> None:
+    if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+        raise TypeError(f"{name} must be a non-empty list of strings, got {values!r:.80}")
+    if not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{name} must hold strings only, got {[type(v).__name__ for v in values][:5]}")
 
 
 @torch.no_grad()
@@ -21,8 +56,14 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
         ``{"i2t_R@k": ..., "t2i_R@k": ...}`` in percent: an image counts as found at k when any of its captions
         ranks in the top k; a caption when its image does.
     """
-    if text_emb.shape[0] != text_image.shape[0]:
-        raise ValueError(f"text_image must have one entry per caption ({text_emb.shape[0]}), got {text_image.shape[0]}")
+    _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
+    _check_indexes("text_image", text_image, text_emb.shape[0], image_emb.shape[0], "image")
+    ks = _check_ks(ks)
+    text_image = text_image.long()
+    captionless = (torch.bincount(text_image, minlength=image_emb.shape[0]) == 0).nonzero().flatten()
+    if len(captionless):  # its image -> text rank would be meaningless
+        raise ValueError(f"text_image gives no caption to {len(captionless)} of the {image_emb.shape[0]} images "
+                         f"(first: image {int(captionless[0])}); every image needs at least one")
     image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     I = image_emb.shape[0]
     i2t_rank = torch.empty(I, dtype=torch.long)
@@ -47,7 +88,11 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
 def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
                      templates: Sequence[str] = OPENAI_TEMPLATES_SHORT) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of its normalised prompt embeddings (CLIP's prompt ensemble).
-    ``encode_text`` maps a list of strings to [n, D] embeddings."""
+    ``encode_text`` maps a list of strings to [n, D] embeddings; each template has one ``{}`` for the name."""
+    _check_strings("class_names", class_names)
+    _check_strings("templates", templates)
+    if not all("{}" in t for t in templates):
+        raise ValueError(f"every template needs a {{}} for the class name, got {[t for t in templates if '{}' not in t]}")
     rows = []
     for name in class_names:
         emb = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)
@@ -59,7 +104,13 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_nam
 def classification_accuracy(image_emb: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor,
                             ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy in percent of zero-shot classification by cosine similarity to the class embeddings
-    (k larger than the number of classes counts every image as found)."""
+    (k larger than the number of classes counts every image as found).
+
+    image_emb [I, D]; labels [I] integer class indexes in [0, C); class_emb [C, D] -> {"top{k}": percent}."""
+    _check_embeddings("image_emb", image_emb, "class_emb", class_emb)
+    _check_indexes("labels", labels, image_emb.shape[0], class_emb.shape[0], "class")
+    ks = _check_ks(ks)
+    labels = labels.to(image_emb.device)
     logits = F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()
     topk = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = topk == labels[:, None]

@@ -41,6 +41,9 @@ def state_dict_from_checkpoint(checkpoint: dict, which: str = "student") -> dict
         return checkpoint[which]
     if "state_dict" in checkpoint:
         return checkpoint["state_dict"]
+    nested = sorted(k for k, v in checkpoint.items() if isinstance(v, dict))
+    if nested:  # a COSMOS-style checkpoint without the asked-for weights: loading its other entries would load nothing
+        raise KeyError(f"which={which!r} is not in the checkpoint; it holds the weights {nested}")
     return checkpoint
 
 
@@ -75,6 +78,9 @@ def load_open_clip_weights(model, checkpoint: dict, which: str = "student", igno
     """Load open_clip/COSMOS weights (see :func:`state_dict_from_checkpoint`) into ``model``; returns the
     CosmosModel keys left at their initial values (mappings, poolers, ``distill_logit_scale``)."""
     converted = convert_open_clip_state_dict(state_dict_from_checkpoint(checkpoint, which), ignore_unknown)
+    if not converted:
+        raise ValueError("the checkpoint holds no open_clip CLIP weights (visual.*, transformer.*, token_embedding, "
+                         "logit_scale, ...): nothing would be loaded")
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if unexpected:
         raise KeyError(f"converted keys the model does not have: {unexpected}")

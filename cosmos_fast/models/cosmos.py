@@ -13,6 +13,7 @@ from open_clip.transformer import TextTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .._validation import check_float_tensor, check_same_device, check_same_dtype
 from ..nn import CrossAttentionPooler
 
 
@@ -62,9 +63,19 @@ class Tokenizer:
         return self._bpe(texts, context_length=self.context_length)
 
 
+def _check_token_ids(name: str, ids, ndim: int) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor of token ids, got {ids.dtype}")
+    if ids.dim() != ndim or ids.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty {ndim}-d tensor of token ids, got shape {tuple(ids.shape)}")
+
+
 def trim_to_longest(ids: torch.Tensor) -> torch.Tensor:
-    """Cut a batch of token ids to its longest caption (the end token, the largest id, ends each caption):
+    """Cut a batch of token ids [N, L] to its longest caption (the end token, the largest id, ends each caption):
     the text tower's output is the same, and short captions cost a fraction of the context length."""
+    _check_token_ids("ids", ids, 2)
     return ids[:, : int(ids.argmax(dim=-1).max()) + 1]
 
 
@@ -136,6 +147,26 @@ class CosmosModel(nn.Module):
         self.visual.set_grad_checkpointing(enabled)
         self.text.transformer.grad_checkpointing = enabled
 
+    def _check_forward_inputs(self, global_crops, local_crops, captions) -> None:
+        """Each argument by name: crops [V, B, 3, H, W] (H, W multiples of the patch size; V may be 0 for the
+        local crops), captions [C, B, L] token ids with L <= the context length, one B throughout."""
+        check_float_tensor("global_crops", global_crops, 5)
+        if not isinstance(local_crops, torch.Tensor):
+            raise TypeError(f"local_crops must be a torch.Tensor, got {type(local_crops).__name__}")
+        check_same_device("global_crops", global_crops, local_crops=local_crops, captions=captions)
+        check_same_dtype("global_crops", global_crops, local_crops=local_crops)
+        B, patch = global_crops.shape[1], self.config.patch_size
+        for name, crops in (("global_crops", global_crops), ("local_crops", local_crops)):
+            if crops.dim() != 5 or crops.shape[1] != B or crops.shape[2] != 3:
+                raise ValueError(f"{name} must have shape [V, B={B}, 3, H, W], got {tuple(crops.shape)}")
+            if crops.shape[3] % patch or crops.shape[4] % patch:
+                raise ValueError(f"{name}'s height and width must be multiples of the patch size {patch}, got "
+                                 f"{tuple(crops.shape[3:])}")
+        _check_token_ids("captions", captions, 3)
+        if captions.shape[1] != B or captions.shape[2] > self.config.context_length:
+            raise ValueError(f"captions must have shape [C, B={B}, L <= {self.config.context_length}], got "
+                             f"{tuple(captions.shape)}")
+
     @torch.no_grad()
     def clamp_logit_scales_(self) -> None:
         """Keep both temperatures in [0, ln 100] (after every optimizer step, as upstream)."""
@@ -159,6 +190,7 @@ class CosmosModel(nn.Module):
         [G + V, B, E] and "cross_text" [C, B, E] cross-attended outputs (only with ``cross_attention``);
         "logit_scale", "distill_logit_scale" (exponentiated).
         """
+        self._check_forward_inputs(global_crops, local_crops, captions)
         n_global, B = global_crops.shape[:2]
         g_emb, g_patches = self.encode_image(global_crops.flatten(0, 1))
         image = g_emb.view(n_global, B, -1)
