@@ -100,6 +100,27 @@ def test_every_row_ignored_gives_zero_loss_and_zero_gradients(backend):
         assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+def test_no_rows_at_all_gives_zero_loss_and_zero_gradients(backend):
+    """A SIMLA batch in which no token was chosen passes hidden [0, H]: 0 (never NaN), and weight and bias still
+    get their (zero) gradients, which DDP expects of every parameter."""
+    h, w, b = (x.float().requires_grad_() for x in linear_leaves(6, 16, 37))
+    empty = h[:0]
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
+        loss = cosmos_fast.fused_linear_cross_entropy(empty, w, torch.full((0,), IGNORE), bias=b,
+                                                      soft_logits=torch.randn(0, 37), alpha=0.5, reduction=reduction)
+        assert loss.shape == shape and loss.dtype == torch.float32 and torch.all(loss == 0)
+    cosmos_fast.fused_linear_cross_entropy(empty, w, torch.full((0,), IGNORE), bias=b).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_soft_logits_rows_are_checked_at_alpha_zero(backend):
+    """SIMLA's alpha ramp starts at 0: a wrong row count must fail at the first step, not when alpha grows."""
+    h, w = (x.float() for x in linear_leaves(12, 16, 29, with_bias=False))
+    target = ce_targets(12, 29, ignored_every=3)
+    with pytest.raises(ValueError, match="soft_logits must have N = 12 rows"):
+        cosmos_fast.fused_linear_cross_entropy(h, w, target, soft_logits=randn(5, 29, seed=6).float(), alpha=0.0)
+
+
 def test_compact_soft_logits_equal_full_ones(backend):
     """soft_logits may hold one row per active row (the teacher evaluated at the masked positions only)."""
     N, H, V = 12, 16, 29

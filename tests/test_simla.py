@@ -154,6 +154,49 @@ def test_each_loss_is_finite_and_decreases(ids):
         assert history[-1][name] < history[0][name], (name, [h[name] for h in history])
 
 
+def test_a_batch_without_masked_tokens_or_patches_gives_zero_xmm_and_every_gradient(model, ids):
+    """Short captions at BERT's 15% leave some batches without any chosen token: that XMM half is 0 with zero
+    gradients (it used to fail on an empty hidden), and every parameter still gets a gradient (DDP needs them)."""
+    images = _images(2)
+    none_chosen = torch.zeros_like(ids, dtype=torch.bool)
+    no_patches = block_patch_mask(B, SIZE // 8, 0)
+    targets = model.momentum_targets(images, ids, ids, none_chosen, no_patches)
+    parts = model(images, ids, ids, none_chosen, no_patches, targets, 0.4)
+    assert parts["xmm_text"].item() == 0.0 and parts["xmm_image"].item() == 0.0
+    assert all(torch.isfinite(v) for v in parts.values())
+    model.zero_grad()
+    (parts["xmm_text"] + parts["xmm_image"]).backward()
+    assert model.word_embedding.weight.grad is not None and model.image_token_decoder.weight.grad is not None
+    assert model.mlm_bias.grad.abs().sum() == 0 and model.image_token_decoder.bias.grad.abs().sum() == 0
+    model.zero_grad()
+
+
+def test_bad_input_names_the_argument(model, ids):
+    images = _images(3)
+    masked, chosen = mask_text_tokens(ids, 0.3, generator=torch.Generator().manual_seed(0))
+    patch_mask = block_patch_mask(B, SIZE // 8, 5, generator=torch.Generator().manual_seed(0))
+    good = dict(images=images, ids=ids, masked_ids=masked, chosen=chosen, patch_mask=patch_mask)
+    cases = [
+        (dict(images=images[:1], ids=ids[:1], masked_ids=masked[:1], chosen=chosen[:1], patch_mask=patch_mask[:1]),
+         ValueError, "SIMLA needs at least 2 samples per batch"),  # B = 1 crashed in torch.multinomial
+        (dict(chosen=chosen.long()), TypeError, "chosen must be a bool tensor"),
+        (dict(patch_mask=patch_mask[:, :-1]), ValueError, "patch_mask must have shape [8, 16]"),
+        (dict(patch_mask=patch_mask.long()), TypeError, "patch_mask must be a bool tensor"),
+        (dict(ids=ids.repeat(1, 3), masked_ids=masked.repeat(1, 3), chosen=chosen.repeat(1, 3)), ValueError,
+         "ids must have shape [B=8, L <= 32], got (8, 48)"),
+        (dict(masked_ids=masked[:, :-1]), ValueError, "masked_ids must have the shape of ids"),
+        (dict(images=images[:, :, :30, :30]), ValueError, "H, W multiples of 8"),
+    ]
+    for change, error, words in cases:
+        with pytest.raises(error) as info:
+            model.momentum_targets(**{**good, **change})
+        assert words in str(info.value)
+    with pytest.raises(ValueError, match="probability must be in"):
+        mask_text_tokens(ids, 1.5)
+    with pytest.raises(ValueError, match=r"n_masked must be in \[0, grid \* grid = 16\], got -1"):
+        block_patch_mask(2, 4, -1)
+
+
 def test_psl_is_the_mean_bce_over_rows_and_vocabulary(model, ids):
     """PSL weighs as in SIMLA's code: binary_cross_entropy_with_logits' mean over B x V elements, hard and soft
     targets mixed by alpha (float64 reference from the same image embedding)."""

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .._validation import check_float_tensor, check_unit_interval
 from ..ops.attention import cross_attention
 from ..ops.contrastive import contrastive_loss
 from ..ops.fused_linear import fused_linear_bce, fused_linear_cross_entropy
@@ -101,6 +102,7 @@ def mask_text_tokens(ids: torch.Tensor, probability: float = 0.15, generator=Non
 
     ids [B, L] int64 -> (masked ids [B, L] int64, chosen bool [B, L]). Draws from ``generator`` (default: torch's).
     """
+    probability = check_unit_interval("probability", probability)
     draws = torch.rand((3, *ids.shape), device=ids.device, generator=generator)
     chosen = (draws[0] < probability) & ~special_mask(ids)
     random_ids = (draws[2] * START_ID).long()  # uniform over the ordinary ids [0, START_ID)
@@ -118,6 +120,9 @@ def block_patch_mask(batch: int, grid: int, n_masked: int, device=None, generato
     in random order), then uncovered patches at random, until ``n_masked``. Returns bool [batch, grid * grid],
     True = masked, in the ViT's row-major patch order.
     """
+    if not 0 <= n_masked <= grid * grid:
+        raise ValueError(f"n_masked must be in [0, grid * grid = {grid * grid}], got {n_masked}")
+
     def draw():
         return torch.rand((batch, rectangles), device=device, generator=generator)
 
@@ -352,6 +357,30 @@ class SIMLAModel(nn.Module):
         self.visual_codebook.copy_(centroids)
 
     # ---- SIMLA objective ----------------------------------------------------------------------------------
+    def _check_objective_inputs(self, images, ids, masked_ids, chosen, patch_mask) -> None:
+        """Each argument of :meth:`momentum_targets` and :meth:`forward` by name."""
+        check_float_tensor("images", images, 4)
+        B, cfg = images.shape[0], self.config
+        if B < 2:
+            raise ValueError(f"SIMLA needs at least 2 samples per batch (ITM's hard negatives are other samples), "
+                             f"got images of shape {tuple(images.shape)}")
+        if images.shape[1] != 3 or images.shape[2] % cfg.patch_size or images.shape[3] % cfg.patch_size:
+            raise ValueError(f"images must have shape [B, 3, H, W] with H, W multiples of {cfg.patch_size}, got "
+                             f"{tuple(images.shape)}")
+        for name, x in (("ids", ids), ("masked_ids", masked_ids)):
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
+                raise TypeError(f"{name} must be an int64 tensor of token ids, got {getattr(x, 'dtype', type(x))}")
+            if x.dim() != 2 or x.shape[0] != B or not 0 < x.shape[1] <= cfg.context_length:
+                raise ValueError(f"{name} must have shape [B={B}, L <= {cfg.context_length}], got {tuple(x.shape)}")
+        P = (images.shape[2] // cfg.patch_size) * (images.shape[3] // cfg.patch_size)
+        for name, x, shape in (("chosen", chosen, tuple(ids.shape)), ("patch_mask", patch_mask, (B, P))):
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.bool:
+                raise TypeError(f"{name} must be a bool tensor, got {getattr(x, 'dtype', type(x))}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(x.shape)}")
+        if masked_ids.shape != ids.shape:
+            raise ValueError(f"masked_ids must have the shape of ids {tuple(ids.shape)}, got {tuple(masked_ids.shape)}")
+
     @torch.no_grad()
     def momentum_targets(self, images, ids, masked_ids, chosen, patch_mask, keywords_per_head: int = 4,
                          keywords: int = 5) -> dict[str, torch.Tensor]:
@@ -363,6 +392,7 @@ class SIMLAModel(nn.Module):
         positions (row-major); "image_token_logits" [m, K] at the masked patches; "keyword_logits" [B, V];
         "keywords" float32 [B, V] multi-hot PSL targets from the text pass's last-layer [CLS] attention.
         """
+        self._check_objective_inputs(images, ids, masked_ids, chosen, patch_mask)
         tokens = self.image_tokens(images)
         image = F.normalize(self.image_projection(tokens[:, 0]), dim=-1)
         text_tokens, cls_attention = self.encode_multimodal(self.word_embeddings(ids), padding_mask(ids),
@@ -394,7 +424,9 @@ class SIMLAModel(nn.Module):
         - xmm_text: MLM of the masked caption over the image, chosen positions only, hard/soft mixed by alpha.
         - xmm_image: the visual codes of the masked patches from the masked image over the caption, mixed alike.
         - psl: multi-hot keyword BCE from the image embedding, the mean over rows and vocabulary (as SIMLA's code).
+        A batch without any chosen caption token or masked patch gets 0 for that XMM half (zero gradients).
         """
+        self._check_objective_inputs(images, ids, masked_ids, chosen, patch_mask)
         tokens = self.image_tokens(images)
         image = F.normalize(self.image_projection(tokens[:, 0]), dim=-1)
         text = F.normalize(self.encode_text(ids)[0], dim=-1)

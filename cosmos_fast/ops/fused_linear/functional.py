@@ -9,8 +9,8 @@ from .op import fused_linear_bce_rows, fused_linear_ce_rows
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_linear(hidden, weight, bias):
-    check_float_tensor("hidden", hidden, 2)
+def _check_linear(hidden, weight, bias, allow_no_rows=False):
+    check_float_tensor("hidden", hidden, 2, allow_empty=allow_no_rows and hidden.dim() == 2 and hidden.shape[1] > 0)
     check_float_tensor("weight", weight, 2)
     check_same_device("hidden", hidden, weight=weight)
     check_same_dtype("hidden", hidden, weight=weight)
@@ -32,7 +32,10 @@ def _check_soft(soft_logits, alpha, hidden, weight, rows_word):
         if alpha != 0.0:
             raise ValueError("alpha > 0 needs soft targets: pass soft_logits (the teacher's logits)")
         return None, alpha
-    check_float_tensor("soft_logits", soft_logits, 2)
+    # zero rows are fine (none active); their count is checked against the rows where it is known
+    check_float_tensor("soft_logits", soft_logits, 2,
+                       allow_empty=isinstance(soft_logits, torch.Tensor) and soft_logits.dim() == 2
+                       and soft_logits.shape[1] > 0)
     check_same_device("hidden", hidden, soft_logits=soft_logits)
     if soft_logits.shape[1] != weight.shape[0]:
         raise ValueError(f"soft_logits must have shape [{rows_word}, {weight.shape[0]}] (V, the rows of weight), "
@@ -50,7 +53,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, soft_logits
     forward; the backward holds at most a [16 Mi / V, V] block of dL/dlogits).
 
     Args:
-        hidden: [N, H] fp32, bf16, fp16 (or fp64 on the PyTorch path).
+        hidden: [N, H] fp32, bf16, fp16 (or fp64 on the PyTorch path); N may be 0 (the loss is then 0).
         weight: [V, H], the dtype and device of ``hidden``.
         target: [N] int64 class indexes in [0, V), or ``ignore_index``.
         bias: optional [V], the dtype of ``hidden``.
@@ -66,7 +69,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, soft_logits
         fp32 loss (fp64 for fp64 inputs): 0-d, or [N] for ``reduction="none"``. Gradients flow to ``hidden``,
         ``weight`` and ``bias``.
     """
-    _check_linear(hidden, weight, bias)
+    _check_linear(hidden, weight, bias, allow_no_rows=True)
     N = hidden.shape[0]
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -80,12 +83,25 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, soft_logits
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     soft_logits, alpha = _check_soft(soft_logits, alpha, hidden, weight, "N or active rows")
+    if N == 0:
+        return _no_rows_loss(hidden, weight, bias, reduction)
     row_loss = fused_linear_ce_rows(hidden, weight, bias, target, soft_logits, alpha, ignore_index)
     if reduction == "none":
         return row_loss
     if reduction == "sum":
         return row_loss.sum()
     return row_loss.sum() / (target != ignore_index).sum().clamp_min(1)
+
+
+def _no_rows_loss(hidden, weight, bias, reduction):
+    """The loss of zero rows (say, a SIMLA batch in which no caption token was chosen for masking): 0, or [0] for
+    ``reduction="none"``, still connected to ``hidden``, ``weight`` and ``bias`` so that every parameter gets its
+    (zero) gradient, as DDP expects."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if reduction == "none":
+        return hidden.sum(1).to(dtype) * 0
+    zero = hidden.sum() * 0 + weight.sum() * 0 + (0 if bias is None else bias.sum() * 0)
+    return zero.to(dtype)
 
 
 def fused_linear_bce(hidden, weight, target, *, bias=None, soft_logits=None, alpha=0.0):

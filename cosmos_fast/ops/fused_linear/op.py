@@ -53,9 +53,12 @@ def _active_problem(hidden, target, soft_logits, alpha, ignore_index, V, rows=No
         rows = active_rows(target, ignore_index, V)
     targets = target.index_select(0, rows)
     hidden_active = hidden if rows.numel() == hidden.shape[0] else hidden.index_select(0, rows)
-    if soft_logits is None or alpha == 0.0:
+    if soft_logits is None:
         return rows, targets, hidden_active, None, None
-    return rows, targets, hidden_active, soft_logits, soft_row_index(soft_logits, rows, hidden.shape[0])
+    soft_rows = soft_row_index(soft_logits, rows, hidden.shape[0])  # checked at alpha = 0 too: the ramp starts there
+    if alpha == 0.0:
+        return rows, targets, hidden_active, None, None
+    return rows, targets, hidden_active, soft_logits, soft_rows
 
 
 def _scatter_rows(values: Tensor, rows: Tensor, N: int) -> Tensor:
