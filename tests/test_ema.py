@@ -86,6 +86,12 @@ T, S = [torch.zeros(3)], [torch.zeros(3)]
     (lambda: cosmos_fast.EMATeacher(nn.Linear(2, 2), momentum=2.0), ValueError, "momentum must be a float"),
     (lambda: cosmos_fast.EMATeacher(nn.Linear(2, 2), schedule="linear"), ValueError, "schedule must be one of"),
     (lambda: cosmos_fast.EMATeacher(nn.Linear(2, 2), schedule="cosine"), ValueError, "needs total_steps"),
+    (lambda: cosmos_fast.EMATeacher(nn.Linear(2, 2), schedule="cosine", total_steps=True), ValueError,
+     "needs total_steps"),
+    (lambda: cosmos_fast.EMATeacher([nn.Linear(2, 2)]), TypeError, "student must be an nn.Module, got list"),
+    (lambda: cosmos_fast.EMATeacher(nn.Linear(2, 2).double()), TypeError,
+     "the student's 'weight' is torch.float64: the EMA update averages fp32, bf16 or fp16"),
+    (lambda: cosmos_fast.EMATeacher(nn.Linear(2, 2)).update(step="3"), TypeError, "step must be an int or None"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error) as info:
@@ -140,6 +146,15 @@ def test_teacher_update_parameters_and_buffers(backend):
         else:
             assert torch.equal(value, t_state[name]), name
     assert ema.num_updates == 1
+
+
+def test_a_student_that_lost_a_buffer_is_a_clear_error():
+    student = Tiny()
+    teacher = cosmos_fast.EMATeacher(student)
+    del student.norm.running_var
+    student.norm.register_buffer("running_var", None)
+    with pytest.raises(ValueError, match="the student's buffers no longer match the teacher's"):
+        teacher.update()
 
 
 def test_non_persistent_buffers_are_copied_not_averaged():

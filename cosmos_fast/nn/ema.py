@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.ema import ema_update_
+from ..ops.ema.functional import STUDENT_DTYPES
 
 SCHEDULES = ("fixed", "cosine")
 
@@ -42,13 +43,22 @@ class EMATeacher(nn.Module):
     def __init__(self, student: nn.Module, momentum: float = 0.999, schedule: str = "fixed",
                  final_momentum: float = 1.0, total_steps: int | None = None, bf16_copy: bool = False):
         super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         for name, value in (("momentum", momentum), ("final_momentum", final_momentum)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if schedule == "cosine" and (not isinstance(total_steps, int) or total_steps <= 0):
+        if schedule == "cosine" and (not isinstance(total_steps, int) or isinstance(total_steps, bool)
+                                     or total_steps <= 0):
             raise ValueError(f"schedule='cosine' needs total_steps, a positive int, got {total_steps!r}")
+        averaged = [*unwrap(student).named_parameters(),
+                    *((n, b) for n, b in unwrap(student).named_buffers() if b.is_floating_point())]
+        for name, tensor in averaged:
+            if tensor.dtype not in STUDENT_DTYPES:
+                raise TypeError(f"the student's {name!r} is {tensor.dtype}: the EMA update averages fp32, bf16 or fp16 "
+                                "students into an fp32 teacher")
         self.base_momentum, self.final_momentum = float(momentum), float(final_momentum)
         self.schedule, self.total_steps = schedule, total_steps
         self.module = copy.deepcopy(unwrap(student)).float().requires_grad_(False)
@@ -65,6 +75,8 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, step: int | None = None) -> float:
         """One EMA step at ``step`` (default: the number of updates so far); returns the momentum used."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step must be an int or None, got {type(step).__name__}")
         momentum = self.momentum_at(self.num_updates if step is None else step)
         student = unwrap(self._student[0])
         teacher_params = dict(self.module.named_parameters())
@@ -81,6 +93,8 @@ class EMATeacher(nn.Module):
 
     def _update_buffers(self, student: nn.Module, momentum: float) -> None:
         student_buffers = dict(student.named_buffers())
+        if student_buffers.keys() != dict(self.module.named_buffers()).keys():
+            raise ValueError("the student's buffers no longer match the teacher's (names differ)")
         # Non-persistent buffers are derived constants (attention masks, which may hold -inf: an average would
         # turn them into NaN): copied, like integer counters. Persistent float buffers (running statistics)
         # are averaged.
