@@ -76,7 +76,8 @@ def select_backend(x: torch.Tensor, fast: tuple[str, ...] = ("triton",), support
                 "(the Triton interpreter runs the kernels on CPU)"
             )
         if x.dtype not in TRITON_DTYPES:
-            raise TypeError(f"the Triton kernels take {TRITON_DTYPES}, got {x.dtype}")
+            raise TypeError(f"{ENV_VAR}=triton forces the Triton kernels, which take {TRITON_DTYPES}; the inputs are "
+                            f"{x.dtype} (unset {ENV_VAR} to let them take the PyTorch path)")
         return "triton"
     if x.device.type == "cuda" and x.dtype in TRITON_DTYPES:
         if "cuda" in fast and _cuda_extension_available():
