@@ -96,3 +96,11 @@ def test_cli_errors(checkpoint, imagefolder, karpathy, tmp_path):
     torch.save({"model": torch.load(checkpoint)["model"]}, no_teacher)
     with pytest.raises(KeyError, match="no 'teacher' weights"):
         cli.main(["--checkpoint", str(no_teacher), "--model", "tiny", "--imagefolder", str(imagefolder)])
+
+
+def test_the_model_name_comes_from_the_trainers_config():
+    """The trainer stores its config as plain dicts (older checkpoints: the TrainConfig object)."""
+    args = cli.parse_args(["--checkpoint", "x.pt", "--imagefolder", "d"])
+    assert cli.model_name(args, {"config": {"model": {"name": "vit-b16"}}}) == "vit-b16"
+    with pytest.raises(SystemExit, match="pass --model"):
+        cli.model_name(args, {"config": {"run": {}}})

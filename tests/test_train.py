@@ -1,6 +1,8 @@
 """The reference trainer on tiny settings: exact resume, NaN stop, missing checkpoint, fused vs reference kernels,
 webdataset shards, training options, clear errors before training."""
 import json
+import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -64,6 +66,53 @@ def test_other_objectives_train(tmp_path, objective):
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.main(["--resume"] + TINY + [f"run.out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="--resume takes no path"):
+        train.main(["--resume", str(tmp_path / "checkpoint.pt")] + TINY)
+
+
+def test_a_finished_run_is_not_overwritten_without_asking(tmp_path, capsys):
+    """A rerun without --resume used to truncate the log and replace the checkpoint at once."""
+    out = [f"run.out_dir={tmp_path}"]
+    assert train.main(TINY + out + ["run.stop_at=2"]) == 0
+    with pytest.raises(FileExistsError, match="holds a run .checkpoint.pt.: --resume continues it, --overwrite"):
+        train.main(TINY + out)
+    assert _state(tmp_path)["step"] == 2
+    with pytest.raises(SystemExit):
+        train.main(["--resume", "--overwrite"] + TINY + out)
+    # settings the checkpoint cannot continue under are refused by name; others are named and used
+    with pytest.raises(ValueError, match=r"data.batch_size=4 \(now 8\)"):
+        train.main(["--resume"] + TINY + out + ["data.batch_size=8"])
+    capsys.readouterr()
+    # --resume may come between overrides (argparse's intermixed parsing)
+    assert train.main(TINY[:1] + ["--resume"] + TINY[1:] + out + ["run.stop_at=3", "optim.lr=1e-4"]) == 0
+    assert "--resume with changed settings: optim.lr: 0.001 -> 0.0001, run.stop_at: 2 -> 3" in capsys.readouterr().err
+    assert _state(tmp_path)["step"] == 3
+    assert isinstance(_state(tmp_path)["config"], dict)  # plain values: loads without train/config.py
+    assert train.main(["--overwrite"] + TINY + out + ["run.steps=1"]) == 0
+    assert _state(tmp_path)["step"] == 1
+
+
+def test_a_stop_signal_ends_the_step_then_checkpoints(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) mid-run: the step finishes, a checkpoint is written, the exit code is
+    128 + 15; --resume then completes the run as an uninterrupted one would (TINY: 4 steps)."""
+    update = train.update_teacher
+
+    def update_then_signal(teacher, student, step, cfg):
+        update(teacher, student, step, cfg)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "update_teacher", update_then_signal)
+    assert train.main(TINY + [f"run.out_dir={tmp_path / 'b'}"]) == 128 + signal.SIGTERM
+    # the ranks agree on stopping through the loss's all-reduce: a signal after step 1's loss stops after step 2
+    assert _state(tmp_path / "b")["step"] == 3
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's handler is gone again
+    monkeypatch.setattr(train, "update_teacher", update)
+    assert train.main(["--resume"] + TINY + [f"run.out_dir={tmp_path / 'b'}"]) == 0
+    assert train.main(TINY + [f"run.out_dir={tmp_path / 'a'}"]) == 0
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
 # smaller still for the tests below: 32 px images, 16 px local crops

@@ -31,6 +31,23 @@ def test_default_config_and_overrides():
     (["run.objective=simla", "run.kernels=reference"], "run.objective=simla runs on the fused kernels, eager"),
     (["run.objective=simla", "run.compile=true"], "run.objective=simla runs on the fused kernels, eager"),
     (["run.objective=simla", "run.grad_checkpointing=true"], "without FSDP or gradient checkpointing"),
+    # keys whose default is None took any value; each of these failed (or hung, or was ignored) later in the run
+    (["run.stop_at=abc"], "config key 'run.stop_at' takes int, got 'abc'"),
+    (["optim.clip_grad=abc"], "config key 'optim.clip_grad' takes float, got 'abc'"),
+    (["run.steps="], "config key 'run.steps' takes int, got None"),
+    (["run.steps=true"], "config key 'run.steps' takes int, got True"),
+    (["optim.betas=[0.9]"], "config key 'optim.betas' takes a list of 2 values"),
+    (["optim.betas=[0.9, 1.5]"], "optim.betas[1] must be in [0, 1]"),
+    (["data.batch_size=-4"], "data.batch_size must be at least 1, got -4"),  # hung in an endless epoch loop
+    (["run.steps=0"], "run.steps must be at least 1"),
+    (["run.checkpoint_every=0"], "run.checkpoint_every must be at least 1"),
+    (["run.log_every=0"], "run.log_every must be at least 1"),
+    (["data.eval_size=0"], "data.eval_size must be at least 1"),
+    (["teacher.momentum=2"], "teacher.momentum must be in [0, 1]"),
+    (["optim.lr=0"], "optim.lr must be > 0"),
+    (["data.image_size=30"], "data.image_size must be a multiple of the patch size of model 'tiny' (8), got 30"),
+    (["data.local_size=0"], "data.local_size must be at least 1"),
+    (["data.path=/data/shards"], "data.path ('/data/shards') is read only with data.source=webdataset"),
 ])
 def test_bad_config_is_an_error(overrides, words):
     with pytest.raises(ValueError) as info:

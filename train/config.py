@@ -3,6 +3,8 @@ An unknown key or a value of the wrong type is an error before anything trains."
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,19 +104,30 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def _typed(value: Any, hint, where: str) -> Any:
+    """``value`` as the field's annotated type (an int where a float is wanted becomes a float), or ValueError."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        if isinstance(value, (list, tuple)) and len(value) == len(items):
+            return tuple(_typed(v, item, f"{where}[{i}]") for i, (v, item) in enumerate(zip(value, items)))
+        raise ValueError(f"config key {where!r} takes a list of {len(items)} values, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, hint) and not (hint is not bool and isinstance(value, bool)):
+        return value
+    raise ValueError(f"config key {where!r} takes {hint.__name__}, got {value!r}")
+
+
 def _set(section, key: str, value: Any, where: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(section)}
-    if key not in names:
-        raise ValueError(f"unknown config key {where!r} (known in this section: {sorted(names)})")
-    current = getattr(section, key)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if current is not None and value is not None and not isinstance(value, type(current)):
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        else:
-            raise ValueError(f"config key {where!r} takes {type(current).__name__}, got {value!r}")
-    setattr(section, key, value)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ValueError(f"unknown config key {where!r} (known in this section: {sorted(hints)})")
+    setattr(section, key, _typed(value, hints[key], where))
 
 
 def apply(cfg: TrainConfig, values: dict, prefix: str = "") -> TrainConfig:
@@ -151,7 +164,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key.count(".") != 1:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            hint = " (--resume takes no path: it reads <run.out_dir>/checkpoint.pt)" if item.endswith(".pt") else ""
+            raise ValueError(f"override {item!r} must look like section.key=value{hint}")
         section, name = key.split(".")
         apply(cfg, {section: {name: _parse(raw)}})
     if cfg.run.objective not in ("cosmos", "clip", "psd", "simla"):
@@ -173,6 +187,42 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
                                 ("teacher.schedule", cfg.teacher.schedule, ("fixed", "cosine"))):
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    if cfg.optim.accumulate < 1:
-        raise ValueError(f"optim.accumulate must be at least 1, got {cfg.optim.accumulate}")
+    _check_ranges(cfg)
     return cfg
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Values that would fail (or hang) later in the run, refused now."""
+    at_least = [("data.batch_size", 1), ("data.train_size", 1), ("data.eval_size", 1), ("data.image_size", 1),
+                ("data.local_size", 1), ("data.context_length", 2), ("data.workers", 0), ("data.shuffle", 0),
+                ("optim.accumulate", 1), ("optim.warmup_steps", 0), ("run.steps", 1), ("run.log_every", 1),
+                ("run.checkpoint_every", 1), ("run.stop_at", 1), ("psd.ramp_steps", 1),
+                ("simla.alpha_ramp_steps", 1), ("simla.queue_size", 1), ("simla.keywords", 1),
+                ("simla.keywords_per_head", 1), ("simla.codebook_images", 1), ("simla.codebook_iterations", 1)]
+    for key, low in at_least:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < low:
+            raise ValueError(f"{key} must be at least {low}, got {value}")
+    unit = [("teacher.momentum", cfg.teacher.momentum), ("teacher.final_momentum", cfg.teacher.final_momentum),
+            ("psd.alpha_max", cfg.psd.alpha_max), ("psd.subset", cfg.psd.subset), ("simla.alpha", cfg.simla.alpha),
+            ("simla.mlm_probability", cfg.simla.mlm_probability),
+            ("simla.image_mask_ratio", cfg.simla.image_mask_ratio)] + [
+            (f"optim.betas[{i}]", beta) for i, beta in enumerate(cfg.optim.betas)]
+    for key, value in unit:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} must be in [0, 1], got {value}")
+    for key, value in (("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps), ("optim.clip_grad", cfg.optim.clip_grad)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+    if cfg.optim.weight_decay < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    if cfg.data.source == "shapes" and cfg.data.path:
+        raise ValueError(f"data.path ({cfg.data.path!r}) is read only with data.source=webdataset")
+    from cosmos_fast.models import config as cosmos_config, simla_config
+
+    model = (simla_config if cfg.run.objective == "simla" else cosmos_config)(cfg.model.name)
+    for key in ("image_size",) if cfg.run.objective == "simla" else ("image_size", "local_size"):
+        if getattr(cfg.data, key) % model.patch_size:
+            raise ValueError(f"data.{key} must be a multiple of the patch size of model {cfg.model.name!r} "
+                             f"({model.patch_size}), got {getattr(cfg.data, key)}")

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
+import signal
 import sys
 import tarfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -309,13 +312,84 @@ def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str,
     return metrics
 
 
+# Settings a checkpoint cannot be resumed under: the weights would not load, or the saved data position and
+# optimizer state would mean something else.
+RESUME_FIXED = ("run.objective", "model.name", "data.source", "data.image_size", "data.context_length",
+                "data.batch_size", "optim.accumulate", "run.seed")
+
+
+def flat_config(cfg) -> dict:
+    """{"section.key": value} of a TrainConfig, or of the dict a checkpoint stores."""
+    sections = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    return {f"{section}.{key}": value for section, body in sections.items() for key, value in body.items()}
+
+
+def check_resume_config(saved, cfg) -> None:
+    """Refuse what cannot resume (``RESUME_FIXED``); name every other changed setting (on purpose, e.g. more steps
+    or a lower learning rate, but the run then no longer equals an uninterrupted one)."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict):  # checkpoints before 2026-11-24 pickled the TrainConfig itself
+        saved = dataclasses.asdict(saved)
+    old, new = flat_config(saved), flat_config(cfg)
+    changed = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k] and k != "run.out_dir"}
+    fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED}
+    if fixed:
+        raise ValueError("--resume: the checkpoint was trained with other settings that it cannot continue under: "
+                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in fixed.items())
+                         + "; pass the checkpoint's values (or --config it was run with)")
+    if changed:
+        print("--resume with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+              file=sys.stderr)
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption) or Ctrl-C asks the loop to stop with a checkpoint, as run.stop_at does,
+    after the step whose loss all-reduce first carries the request (so that every rank stops at the same step);
+    a second Ctrl-C interrupts at once. The handlers hold from construction to ``restore()``
+    (only in the main thread, the one Python delivers signals to)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(Ctrl-C again to interrupt now)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "tiny-cpu.yaml"))
-    parser.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoint.pt")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog="Config sections and keys (see train/config.py): model, data, optim, teacher, psd, simla, run; "
+               "e.g. run.steps=400 optim.lr=5e-4 data.batch_size=32.")
+    parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "tiny-cpu.yaml"),
+                        help="YAML config (default: train/configs/tiny-cpu.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <run.out_dir>/checkpoint.pt (takes no path: set run.out_dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if run.out_dir holds a checkpoint (it is replaced)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in run.out_dir, --overwrite replaces it: pass one")
     cfg = config_lib.load(args.config, args.overrides)
+    checkpoint_path = Path(cfg.run.out_dir) / "checkpoint.pt"
+    if args.resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+    if not args.resume and not args.overwrite and checkpoint_path.exists():
+        raise FileExistsError(f"{cfg.run.out_dir} holds a run (checkpoint.pt): --resume continues it, --overwrite "
+                              "starts afresh in its place, or set another run.out_dir")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
     if cfg.run.fsdp and not distributed:
         raise ValueError("run.fsdp=true shards over ranks: start the trainer with torchrun --nproc-per-node 2 or more")
@@ -386,11 +460,10 @@ def train(cfg, resume: bool) -> int:
                                   eps=cfg.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     first_step, epoch, position = 0, 0, 0
-    checkpoint_path = out_dir / "checkpoint.pt"
+    checkpoint_path = out_dir / "checkpoint.pt"  # main() checked that it exists with --resume, or may be replaced
     if resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # on every rank
+        check_resume_config(state.get("config"), cfg)
         set_model_state_dict(raw, state["model"], options=StateDictOptions(full_state_dict=True))
         set_model_state_dict(teacher, state["teacher"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -410,8 +483,11 @@ def train(cfg, resume: bool) -> int:
         stream = batches(train_set, collate, cfg, epoch, position)
     if rank == 0:
         log = (out_dir / "metrics.jsonl").open("a" if resume else "w")
+    if rank == 0 and first_step >= cfg.run.steps:
+        print(f"the checkpoint is at step {first_step}, run.steps is {cfg.run.steps}: nothing left to train")
     start = time.time()
     bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True, disable=rank != 0)
+    stop = StopSignal()
     try:
         for step in bar:
             for group in optimizer.param_groups:
@@ -425,8 +501,12 @@ def train(cfg, resume: bool) -> int:
                     with autocast:
                         loss, parts = losses(model, teacher, loss_fn, global_crops, local_crops, captions, step,
                                              step * cfg.optim.accumulate + micro, cfg)
+                    # a stop signal to any rank rides along with the loss: every rank then stops at the same step
                     values = mean_over_ranks(torch.stack([loss.detach().float(), *(p.float().to(device)
-                                                                                   for p in parts.values())]))
+                                                                                   for p in parts.values()),
+                                                          torch.tensor(float(stop.received is not None),
+                                                                       device=device)]))
+                    stop_requested = values[-1].item() > 0
                     if not torch.isfinite(values[0]):
                         print(f"step {step}: loss is {values[0].item()}; stopping (the last checkpoint is kept)",
                               file=sys.stderr)
@@ -460,7 +540,7 @@ def train(cfg, resume: bool) -> int:
                     for name, value in record.items():
                         if name != "step":
                             writer.add_scalar(name, value, step)
-            last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at
+            last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at or stop_requested
             if (step + 1) % cfg.run.checkpoint_every == 0 or last:
                 finite = mean_over_ranks(torch.tensor([float(all(torch.isfinite(local(p)).all()
                                                                  for p in raw.parameters()))], device=device))
@@ -474,19 +554,25 @@ def train(cfg, resume: bool) -> int:
                          "optimizer": get_optimizer_state_dict(raw, optimizer, options=FULL_STATE),
                          "loss_state": loss_fn.state_dict(),
                          "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch, "position": position + 1,
-                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "config": cfg}
+                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                         "config": dataclasses.asdict(cfg)}  # plain values: loads without train/ on the path
                 if rank == 0:
                     save_checkpoint(checkpoint_path, state)
+            if stop_requested:
+                if rank == 0:
+                    print(f"stopped after step {step + 1} (signal); continue with --resume", file=sys.stderr)
+                return 128 + int(stop.received or signal.SIGTERM)
             if step + 1 == cfg.run.stop_at:
                 if rank == 0:
                     print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
                 return 0
     finally:  # the curves so far, whether the run ended, stopped or failed
+        stop.restore()
         if rank == 0:
             log.close()
             write_curves(out_dir)
-    if writer is not None:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if cfg.data.source != "shapes":
         return 0  # the built-in zero-shot evaluation is on the shapes' held-out split
     # every rank evaluates (under FSDP the forward is collective); rank 0 reports

@@ -53,8 +53,9 @@ def model_name(args, checkpoint: dict) -> str:
     if args.model:
         return args.model
     try:
-        return checkpoint["config"].model.name
-    except (KeyError, AttributeError):
+        saved = checkpoint["config"]  # the trainer's config: a dict (a TrainConfig in checkpoints before 2026-11-24)
+        return saved["model"]["name"] if isinstance(saved, dict) else saved.model.name
+    except (KeyError, AttributeError, TypeError):
         raise SystemExit("the checkpoint does not say which model it holds: pass --model (tiny | vit-b16)") from None
 
 
