@@ -29,7 +29,7 @@ def load(paths: list[Path]) -> dict[str, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("files", nargs="*", type=Path, help="results JSON files (default: all in the results folder)")
     parser.add_argument("--combine", type=Path, help="also write every record into this one JSON file")
     args = parser.parse_args()

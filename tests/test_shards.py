@@ -9,7 +9,7 @@ from PIL import Image
 
 from cosmos_fast.data import ShapesDataset, make_shards
 from cosmos_fast.data.shards import (CaptionFileDataset, SkipCounter, captions_of, collate_skip_none,
-                                     shard_stream)
+                                     shard_key, shard_stream)
 
 
 def _identity(batch):
@@ -97,3 +97,50 @@ def test_make_shards_from_a_folder(tmp_path):
         ("img0", "a red square", ["It fills the picture."]), ("img1", "a blue square", ["It fills the picture."])]
     with pytest.raises(SystemExit):
         make_shards.main(["--out", str(tmp_path / "x"), "--source", "folder"])  # --path is required
+
+
+def test_keys_with_dots_and_slashes_read_back(tmp_path):
+    """A caption file's key is the image's relative path: written as is, 'images/0.jpg' came back as key 'images/0'
+    with extension 'jpg.jpg', no image, and every sample was skipped."""
+    (tmp_path / "images").mkdir()
+    for name, color in (("0.jpg", "red"), ("b.v2.png", "blue"), ("0_jpg.png", "green")):
+        Image.new("RGB", (8, 8), color).save(tmp_path / "images" / name)
+    rows = "".join(f"images/{n},a {c} square\n" for n, c in (("0.jpg", "red"), ("b.v2.png", "blue"),
+                                                               ("0_jpg.png", "green")))
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + rows)
+    make_shards.main(["--out", str(tmp_path / "shards"), "--source", "captions", "--path", str(tmp_path / "pairs.csv")])
+    samples = list(shard_stream(str(tmp_path / "shards" / "shard-000000.tar")))
+    assert [(s["key"], s["raw_caption"]) for s in samples] == [
+        ("images_0_jpg", "a red square"), ("images_b_v2_png", "a blue square"),
+        ("images_0_jpg_png", "a green square")]
+    # a folder source keys by the file's stem, which may hold dots too
+    make_shards.main(["--out", str(tmp_path / "folder"), "--source", "folder", "--path", str(tmp_path / "images")])
+    keys = [s["key"] for s in shard_stream(str(tmp_path / "folder" / "shard-000000.tar"))]
+    assert sorted(keys) == ["0", "0_jpg", "b_v2"]
+    written = set()  # two keys that sanitise alike stay apart
+    assert [shard_key(k, written) for k in ("a.b", "a_b", "a/b")] == ["a_b", "a_b_1", "a_b_2"]
+
+
+def test_make_shards_refuses_what_would_write_nothing_useful(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no samples to write"):
+        make_shards.main(["--out", str(tmp_path / "out"), "--source", "folder", "--path", str(tmp_path / "empty")])
+    assert list((tmp_path / "out").glob("*.tar")) == []  # no empty shard left behind
+    for argv in (["--source", "folder", "--path", str(tmp_path / "nope")], ["--max-count", "0"]):
+        with pytest.raises(SystemExit):
+            make_shards.main(["--out", str(tmp_path / "x")] + argv)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        make_shards.main(["--out", str(tmp_path / "file"), "--size", "2", "--image-size", "16"])
+
+
+def test_a_stream_of_only_unreadable_samples_ends_with_an_error(tmp_path):
+    """Resampled shards with nothing readable used to be drawn forever (the trainer sat at step 0)."""
+    path = tmp_path / "bad-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(3):
+            _add(tar, f"s{i}.jpg", b"not a jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="10 samples in a row could not be read"):
+            next(iter(shard_stream(str(path), resampled=True, handler=SkipCounter(limit=10))))

@@ -65,7 +65,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("run_dir", type=Path, help="the run's out_dir (holds metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="the PNG to write (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -17,7 +18,8 @@ from .synthetic import ShapesDataset
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cosmos_fast.data.make_shards",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", required=True, help="folder for the .tar shards")
     parser.add_argument("--source", choices=("shapes", "folder", "captions"), default="shapes")
     parser.add_argument("--path", help="the folder (--source folder) or the CSV/JSONL file (--source captions)")
@@ -28,6 +30,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     args = parser.parse_args(argv)
+    if args.max_count < 1:
+        parser.error(f"--max-count must be at least 1, got {args.max_count}")
+    if args.source != "shapes" and args.path is not None and not Path(args.path).exists():
+        parser.error(f"--path {args.path} does not exist")
+    if args.source == "folder" and args.path is not None and not Path(args.path).is_dir():
+        parser.error(f"--source folder needs a folder as --path, got the file {args.path}")
     if args.source == "shapes":
         dataset = ShapesDataset(args.split, size=args.size, image_size=args.image_size, seed=args.seed)
         samples = (dataset[i] for i in range(len(dataset)))

@@ -43,7 +43,8 @@ def render(sample: dict, crops: list[torch.Tensor], captions: list[str], path: s
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cosmos_fast.data.preview",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)

@@ -34,26 +34,57 @@ def captions_of(meta: dict) -> tuple[str, list[str]]:
 
 def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str = "shard",
                  max_count: int = 1000) -> list[Path]:
-    """Write samples ``{"key", "image" (PIL), "raw_caption", "long_captions"}`` as tar shards; returns them."""
+    """Write samples ``{"key", "image" (PIL), "raw_caption", "long_captions"}`` as tar shards; returns them.
+
+    webdataset splits a member's name at the first dot of its base name, so a key such as ``images/0.jpg``
+    would be read back as key ``images/0`` with extension ``jpg.jpg`` (no image): keys are written with dots and
+    slashes replaced by underscores (and a counter where that makes two equal)."""
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+        raise ValueError(f"max_count must be a positive int, got {max_count!r}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir {out_dir} is a file, not a folder for the shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     pattern = str(out_dir / f"{prefix}-%06d.tar")
+    existing = set(out_dir.glob(f"{prefix}-*.tar"))
+    written: set[str] = set()
     with wds.ShardWriter(pattern, maxcount=max_count, verbose=0) as sink:
         for sample in samples:
-            sink.write({"__key__": sample["key"], "jpg": sample["image"].convert("RGB"),
+            key = shard_key(sample["key"], written)
+            sink.write({"__key__": key, "jpg": sample["image"].convert("RGB"),
                         "json": {"raw_caption": sample["raw_caption"],
                                  "long_captions": list(sample.get("long_captions", []))}})
+    if not written:
+        for empty in set(out_dir.glob(f"{prefix}-*.tar")) - existing:
+            empty.unlink()
+        raise ValueError("no samples to write: the source is empty (or every sample was skipped)")
     return sorted(out_dir.glob(f"{prefix}-*.tar"))
 
 
-class SkipCounter:
-    """webdataset error handler: warn with the sample's key, count, and go on."""
+def shard_key(key, written: set[str]) -> str:
+    """``key`` as a webdataset member key (no dots, no slashes), unique among ``written`` (which it joins)."""
+    base = str(key).replace(".", "_").replace("/", "_").replace("\\", "_") or "sample"
+    unique, n = base, 1
+    while unique in written:
+        unique, n = f"{base}_{n}", n + 1
+    written.add(unique)
+    return unique
 
-    def __init__(self):
-        self.skipped = 0
+
+class SkipCounter:
+    """webdataset error handler: warn with the sample's key, count, and go on; ``limit`` unreadable samples in a
+    row end the stream with an error (shards with nothing readable would otherwise be resampled forever)."""
+
+    def __init__(self, limit: int = 1000):
+        self.skipped = self.in_a_row = 0
+        self.limit = limit
 
     def __call__(self, exc: BaseException) -> bool:
         self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} samples in a row could not be read (the last: {exc}); the shards "
+                               "hold nothing this reader can use") from exc
         warnings.warn(f"skipped: {exc}", stacklevel=2)
         return True
 
@@ -75,6 +106,18 @@ def _decode(sample: dict) -> dict:
     return {"key": key, "image": image, "raw_caption": raw, "long_captions": longs}
 
 
+class _CountingDecode:
+    """``_decode`` that tells the handler a sample was read (a class, not a closure: workers may pickle it)."""
+
+    def __init__(self, handler: SkipCounter):
+        self.handler = handler
+
+    def __call__(self, sample: dict) -> dict:
+        decoded = _decode(sample)
+        self.handler.in_a_row = 0
+        return decoded
+
+
 def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
                  handler: SkipCounter | None = None) -> wds.WebDataset:
     """Samples of the shards at ``urls`` (brace patterns allowed), split over ranks and DataLoader workers;
@@ -85,7 +128,7 @@ def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int
                               empty_check=False)
     if shuffle:
         pipeline = pipeline.shuffle(shuffle)
-    return pipeline.map(_decode, handler=handler)
+    return pipeline.map(_CountingDecode(handler), handler=handler)
 
 
 class CaptionFileDataset(torch.utils.data.Dataset):

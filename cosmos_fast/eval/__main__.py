@@ -22,7 +22,8 @@ from .zero_shot import (encode_images, encode_texts, load_checkpoint, model_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cosmos_fast.eval", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m cosmos_fast.eval",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[3:]))
     parser.add_argument("--checkpoint", required=True, help="the trainer's checkpoint.pt (or a plain state dict)")
