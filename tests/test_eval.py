@@ -90,7 +90,9 @@ CLASSES, LABELS = torch.eye(3), torch.tensor([0, 2, 1])
      "class_names must be a non-empty list of strings"),
     (lambda: class_embeddings(lambda t: torch.ones(len(t), 2), ["cat", 3]), TypeError, "class_names must hold strings"),
     (lambda: class_embeddings(lambda t: torch.ones(len(t), 2), ["cat"], templates=("a photo",)), ValueError,
-     "every template needs a {} for the class name"),
+     "every template needs one {} for the class name"),
+    (lambda: class_embeddings(lambda t: torch.ones(len(t), 2), ["cat"], templates=("{} and {}",)), ValueError,
+     "every template needs one {} for the class name"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error) as info:

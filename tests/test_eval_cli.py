@@ -104,3 +104,34 @@ def test_the_model_name_comes_from_the_trainers_config():
     assert cli.model_name(args, {"config": {"model": {"name": "vit-b16"}}}) == "vit-b16"
     with pytest.raises(SystemExit, match="pass --model"):
         cli.model_name(args, {"config": {"run": {}}})
+
+
+def test_unreadable_inputs_are_named(tmp_path, checkpoint, imagefolder):
+    not_torch = tmp_path / "notes.pt"
+    not_torch.write_text("hello")
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
+        cli.main(["--checkpoint", str(not_torch), "--model", "tiny", "--imagefolder", str(imagefolder)])
+    simla = tmp_path / "simla.pt"
+    torch.save({"model": {}, "config": {"run": {"objective": "simla"}, "model": {"name": "tiny"}}}, simla)
+    with pytest.raises(ValueError, match="this is a SIMLA checkpoint"):
+        cli.main(["--checkpoint", str(simla), "--imagefolder", str(imagefolder)])
+    for text, words in (("[1, 2]", "no 'images' list of objects"),
+                        ('{"images": [{"split": "test", "sentences": [{"raw": "x"}]}]}',
+                         "image 0 of split 'test' has no 'filename'"),
+                        ('{"images": [{"split": "test", "filename": "a.jpg", "sentences": [{"tokens": []}]}]}',
+                         "a sentence of a.jpg has no 'raw' text")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            cli.main(["--checkpoint", str(checkpoint), "--model", "tiny", "--karpathy", str(bad), "--images",
+                      str(tmp_path)])
+    with pytest.raises(SystemExit):  # two placeholders: str.format would raise IndexError per class
+        cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(imagefolder), "--templates", "{} {}"])
+
+
+def test_a_corrupt_image_is_named(tmp_path, checkpoint, imagefolder):
+    folder = tmp_path / "folder"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "broken.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        cli.main(["--checkpoint", str(checkpoint), "--model", "tiny", "--imagefolder", str(folder), "--no-progress"])

@@ -45,8 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("nothing to evaluate: give --imagefolder DIR and/or --karpathy JSON --images ROOT")
     if args.karpathy and not args.images:
         parser.error("--karpathy needs --images ROOT, the directory its image paths are relative to")
-    if bad := [t for t in args.templates if "{}" not in t]:
-        parser.error(f"every template needs a '{{}}' for the class name: {bad}")
+    if bad := [t for t in args.templates if t.count("{}") != 1 or t.replace("{}", "").count("{")]:
+        parser.error(f"every template needs one '{{}}' for the class name (and no other braces): {bad}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     return args
 
 

@@ -91,8 +91,8 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_nam
     ``encode_text`` maps a list of strings to [n, D] embeddings; each template has one ``{}`` for the name."""
     _check_strings("class_names", class_names)
     _check_strings("templates", templates)
-    if not all("{}" in t for t in templates):
-        raise ValueError(f"every template needs a {{}} for the class name, got {[t for t in templates if '{}' not in t]}")
+    if bad := [t for t in templates if t.count("{}") != 1 or t.replace("{}", "").count("{")]:
+        raise ValueError(f"every template needs one {{}} for the class name (and no other braces), got {bad}")
     rows = []
     for name in class_names:
         emb = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)

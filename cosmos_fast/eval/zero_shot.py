@@ -39,8 +39,11 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.images[index]
         if not isinstance(image, Image.Image):
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
+            try:
+                with Image.open(image) as opened:
+                    image = opened.convert("RGB")
+            except OSError as exc:  # an unreadable image would change every metric's denominator if skipped
+                raise ValueError(f"cannot read image {image}: {exc}") from exc
         return self.transform(image)
 
 
@@ -88,17 +91,25 @@ def read_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
         raise FileNotFoundError(f"no Karpathy JSON at {json_path}")
     if not image_root.is_dir():
         raise FileNotFoundError(f"image root {image_root} is not a directory")
-    entries = json.loads(json_path.read_text()).get("images")
-    if not isinstance(entries, list):
-        raise ValueError(f"{json_path} has no 'images' list: not a Karpathy-format JSON")
+    try:
+        data = json.loads(json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{json_path} is not JSON: {exc}") from exc
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{json_path} has no 'images' list of objects: not a Karpathy-format JSON")
     chosen = [e for e in entries if e.get("split") == split and e.get("sentences")]
     if not chosen:
         splits = sorted({str(e.get("split")) for e in entries})
         raise ValueError(f"{json_path}: no captioned images in split {split!r} (splits there: {splits})")
     images, captions, caption_image = [], [], []
-    for entry in chosen:
+    for index, entry in enumerate(chosen):
+        if not isinstance(entry.get("filename"), str):
+            raise ValueError(f"{json_path}: image {index} of split {split!r} has no 'filename'")
         images.append(image_root / entry.get("filepath", "") / entry["filename"])
         for sentence in entry["sentences"]:
+            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
+                raise ValueError(f"{json_path}: a sentence of {entry['filename']} has no 'raw' text")
             captions.append(sentence["raw"].strip())
             caption_image.append(len(images) - 1)
     missing = [p for p in images if not p.is_file()]
@@ -155,7 +166,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch.save file, or a truncated one
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
@@ -165,6 +179,9 @@ def tower_state_dict(checkpoint: dict, which: str) -> dict[str, torch.Tensor]:
     """The CosmosModel weights of ``which`` ("student" or "teacher") in a checkpoint: the trainer's ``model`` and
     ``teacher`` (an EMATeacher's state, the model under ``module.``), or see
     :func:`~cosmos_fast.models.state_dict_from_checkpoint`."""
+    if isinstance(checkpoint.get("config"), dict) and checkpoint["config"].get("run", {}).get("objective") == "simla":
+        raise ValueError("this is a SIMLA checkpoint: the zero-shot evaluation here reads COSMOS models (the SIMLA "
+                         "trainer evaluates its own on the held-out split)")
     if which == "student" and "model" in checkpoint:
         return checkpoint["model"]
     if which == "teacher":
