@@ -85,7 +85,9 @@ def test_a_finished_run_is_not_overwritten_without_asking(tmp_path, capsys):
     capsys.readouterr()
     # --resume may come between overrides (argparse's intermixed parsing)
     assert train.main(TINY[:1] + ["--resume"] + TINY[1:] + out + ["run.stop_at=3", "optim.lr=1e-4"]) == 0
-    assert "--resume with changed settings: optim.lr: 0.001 -> 0.0001, run.stop_at: 2 -> 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume with changed settings: optim.lr: 0.001 -> 0.0001, run.stop_at: 2 -> 3" in err
+    assert "step 3/4 loss" in err and "eta 0:0" in err  # not a terminal: a line per logged step, not a bar
     assert _state(tmp_path)["step"] == 3
     assert isinstance(_state(tmp_path)["config"], dict)  # plain values: loads without train/config.py
     assert train.main(["--overwrite"] + TINY + out + ["run.steps=1"]) == 0

@@ -486,7 +486,9 @@ def train(cfg, resume: bool) -> int:
     if rank == 0 and first_step >= cfg.run.steps:
         print(f"the checkpoint is at step {first_step}, run.steps is {cfg.run.steps}: nothing left to train")
     start = time.time()
-    bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True, disable=rank != 0)
+    # a terminal gets the bar; a log file (a batch job's) one line per logged step instead of carriage returns
+    lines = rank == 0 and not sys.stderr.isatty()
+    bar = tqdm(range(first_step, cfg.run.steps), desc="train", dynamic_ncols=True, disable=rank != 0 or lines)
     stop = StopSignal()
     try:
         for step in bar:
@@ -536,6 +538,10 @@ def train(cfg, resume: bool) -> int:
                 record = {"step": step, **logged, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if lines:
+                    eta = (cfg.run.steps - step - 1) * (time.time() - start) / (step + 1 - first_step)
+                    print(f"step {step + 1}/{cfg.run.steps} loss {logged['loss']:.4f} {samples_per_s:.0f} samples/s "
+                          f"eta {int(eta // 60)}:{int(eta % 60):02d}", file=sys.stderr, flush=True)
                 if writer is not None:
                     for name, value in record.items():
                         if name != "step":
