@@ -352,6 +352,7 @@ class StopSignal:
     def __init__(self):
         self.received = None
         self._previous = {}
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler: they keep serving, silently
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -360,8 +361,9 @@ class StopSignal:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-              "(Ctrl-C again to interrupt now)", file=sys.stderr)
+        if os.getpid() == self._pid:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                  "(Ctrl-C again to interrupt now)", file=sys.stderr)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
