@@ -5,6 +5,7 @@
 # Usage: bash benchmarks/run_gpu.sh [--only NAME[,NAME...]] [--no-tests] [--quick]
 #   --only cross_attention,train_step   run only those benchmarks (benchmarks/bench_<NAME>.py)
 #   --no-tests                          skip the GPU tests (a second call of one session, say)
+#   --tests-only                        the GPU tests and no benchmark (a first call that must stay short)
 #   other arguments (--quick) are passed to every benchmark
 #
 # With $OUT set, $OUT receives at most 8 flat files: run_gpu.log (everything printed), results.json (every
@@ -23,11 +24,13 @@ trap 'rm -f "$MARKER"' EXIT
 
 ONLY=""
 RUN_TESTS=1
+TESTS_ONLY=0
 BENCH_ARGS=()
 while (($#)); do
     case "$1" in
         --only) ONLY="${2:?--only needs a comma-separated list of benchmark names}"; shift 2 ;;
         --no-tests) RUN_TESTS=0; shift ;;
+        --tests-only) TESTS_ONLY=1; shift ;;
         *) BENCH_ARGS+=("$1"); shift ;;
     esac
 done
@@ -45,7 +48,11 @@ benchmarks() {  # the bench_*.py files this run takes, in name order
 
 main() {
     local failed=() rc bench selected=()
-    mapfile -t selected < <(benchmarks)
+    ((TESTS_ONLY)) || mapfile -t selected < <(benchmarks)
+    if ((RUN_TESTS == 0 && TESTS_ONLY)); then
+        echo "--tests-only and --no-tests leave nothing to run" >&2
+        return 2
+    fi
     if [[ -n "$ONLY" && ${#selected[@]} -eq 0 ]]; then
         echo "--only $ONLY matches no benchmarks/bench_<NAME>.py" >&2
         return 2
