@@ -338,7 +338,7 @@ def check_resume_config(saved, cfg) -> None:
         raise ValueError("--resume: the checkpoint was trained with other settings that it cannot continue under: "
                          + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in fixed.items())
                          + "; pass the checkpoint's values (or --config it was run with)")
-    if changed:
+    if changed and world()[0] == 0:
         print("--resume with changed settings: " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
               file=sys.stderr)
 
