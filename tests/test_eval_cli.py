@@ -129,7 +129,7 @@ def test_unreadable_inputs_are_named(tmp_path, checkpoint, imagefolder):
         cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(imagefolder), "--templates", "{} {}"])
 
 
-def test_a_corrupt_image_is_named(tmp_path, checkpoint, imagefolder):
+def test_a_corrupt_image_is_named(tmp_path, checkpoint):
     folder = tmp_path / "folder"
     (folder / "cat").mkdir(parents=True)
     (folder / "cat" / "broken.png").write_bytes(b"\x89PNG truncated")

@@ -171,7 +171,7 @@ def test_logit_scales_are_clamped():
         config("vit-h14")
 
 
-def test_data_pipeline_feeds_the_model(tiny):
+def test_data_pipeline_feeds_the_model():
     """Shapes samples -> CosmosTransform -> collate_views -> the tiny model: the shapes the model takes."""
     from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views
 
