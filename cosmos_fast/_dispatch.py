@@ -88,7 +88,8 @@ def select_backend(x: torch.Tensor, fast: tuple[str, ...] = ("triton",), support
 
 
 def backends() -> dict[str, object]:
-    """What this machine can run: a summary for bug reports and benchmark logs."""
+    """What this machine can run, for bug reports and benchmark logs: {"forced": COSMOS_FAST_BACKEND or None,
+    "triton": bool, "triton_interpreter": bool, "cuda": bool, "cuda_extension": ``_extension.status()``}."""
     from . import _extension
 
     return {

@@ -46,5 +46,8 @@ def load():
 
 
 def status() -> str:
-    """How the extension was obtained: "prebuilt", "jit", "not loaded" or "unavailable: <reason>"."""
+    """How the extension was obtained: "prebuilt", "jit", "unavailable: <reason>", or, on a GPU machine before the
+    first CUDA EMA update, "not loaded" (finding out there may mean a JIT compile, which ``status`` never starts)."""
+    if _status == "not loaded" and not torch.cuda.is_available():
+        load()  # without a GPU this is an import attempt, no compile
     return _status
