@@ -25,7 +25,8 @@ def _blur(size: int, p: float):
 
 
 class MultiCrop:
-    """PIL image or uint8 tensor -> list of ``2 + n_local`` float32 tensors [3, S, S], CLIP-normalised.
+    """PIL image or uint8 tensor [3, H, W] -> list of ``2 + n_local`` float32 tensors, CLIP-normalised: two global
+    crops [3, global_size, global_size], then the local crops [3, local_size, local_size].
 
     Global crop 1: scale (0.4, 1), flip, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, blur p=1.
     Global crop 2: the same with blur p=0.1 and solarize p=0.2. Local crops: scale (0.05, 0.4), blur p=0.5.

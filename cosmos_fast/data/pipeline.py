@@ -10,8 +10,9 @@ from .text import crop_text, sentence_pool
 
 
 class CosmosTransform:
-    """``{"key", "image", "raw_caption", "long_captions"}`` -> ``{"key", "global" [2, 3, S, S], "local"
-    [V, 3, s, s] (V = n_local, 0 allowed), "captions" [8, context_length] int64}``.
+    """``{"key", "image", "raw_caption", "long_captions"}`` -> ``{"key", "global" [2, 3, S, S] float32, "local"
+    [V, 3, s, s] float32 (V = n_local, 0 allowed), "captions" [C, context_length] int64}``, C =
+    n_global_captions + n_local_captions (2 + 6 for COSMOS).
 
     Text crops are deterministic in (seed, epoch, key); image crops follow torch's RNG (seed the DataLoader
     workers). ``tokenizer`` maps a list of strings to [n, context_length] ids (``cosmos_fast.models.Tokenizer``).

@@ -87,7 +87,7 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
 @torch.no_grad()
 def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
                      templates: Sequence[str] = OPENAI_TEMPLATES_SHORT) -> torch.Tensor:
-    """[C, D]: per class, the normalised mean of its normalised prompt embeddings (CLIP's prompt ensemble).
+    """[C, D] fp32: per class, the normalised mean of its normalised prompt embeddings (CLIP's prompt ensemble).
     ``encode_text`` maps a list of strings to [n, D] embeddings; each template has one ``{}`` for the name."""
     _check_strings("class_names", class_names)
     _check_strings("templates", templates)

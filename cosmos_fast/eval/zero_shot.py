@@ -21,8 +21,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def image_transform(size: int) -> T.Compose:
-    """PIL image -> the model's input: shorter side resized to ``size`` (bicubic), centre-cropped square,
-    CLIP-normalised."""
+    """PIL image -> the model's input, float32 [3, size, size]: shorter side resized to ``size`` (bicubic),
+    centre-cropped square, CLIP-normalised."""
     return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
                       to_model_input()])
 
@@ -50,8 +50,8 @@ class _Images(torch.utils.data.Dataset):
 @torch.no_grad()
 def encode_images(model: CosmosModel, images: Sequence, transform=None, batch_size: int = 256, device="cpu",
                   workers: int = 0, progress: bool = False) -> torch.Tensor:
-    """[N, E] unnormalised image embeddings (on the CPU) of PIL images or image paths. ``transform`` defaults to
-    :func:`image_transform` at the model's image size."""
+    """[N, E] unnormalised image embeddings (on the CPU, in the model's dtype) of PIL images or image paths.
+    ``transform`` defaults to :func:`image_transform` at the model's image size."""
     transform = transform or image_transform(model.config.image_size)
     loader = torch.utils.data.DataLoader(_Images(images, transform), batch_size=batch_size, num_workers=workers)
     return torch.cat([model.encode_image(batch.to(device))[0].cpu()
@@ -61,7 +61,7 @@ def encode_images(model: CosmosModel, images: Sequence, transform=None, batch_si
 @torch.no_grad()
 def encode_texts(model: CosmosModel, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 256,
                  device="cpu", progress: bool = False) -> torch.Tensor:
-    """[N, E] unnormalised text embeddings (on the CPU)."""
+    """[N, E] unnormalised text embeddings (on the CPU, in the model's dtype) of N strings."""
     starts = range(0, len(texts), batch_size)
     return torch.cat([model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device))[0].cpu()
                       for i in tqdm(starts, desc="texts", disable=not progress, leave=False)])
@@ -69,7 +69,8 @@ def encode_texts(model: CosmosModel, tokenizer: Tokenizer, texts: Sequence[str],
 
 @dataclass
 class RetrievalSet:
-    """Images and their captions, several per image: ``caption_image[j]`` is the image caption ``j`` describes."""
+    """Images and their captions, several per image: ``caption_image`` [T] int64, ``caption_image[j]`` the index of
+    the image caption ``j`` describes."""
     images: list[Path]
     captions: list[str]
     caption_image: torch.Tensor
@@ -77,6 +78,7 @@ class RetrievalSet:
 
 @dataclass
 class ClassificationSet:
+    """Images, their classes (``labels`` [N] int64 indexes into ``class_names``) and the class names."""
     images: list[Path]
     labels: torch.Tensor
     class_names: list[str]

@@ -19,6 +19,9 @@ from ..nn import CrossAttentionPooler
 
 @dataclass(frozen=True)
 class CosmosConfig:
+    """Sizes of a COSMOS model (defaults: ViT-B/16 at 224 px with a 512-wide, 12-layer text transformer, as upstream).
+    ``image_size`` sets the ViT's position grid (other multiples of ``patch_size`` run too); ``context_length``
+    the text positions; ``embed_dim`` the shared embedding, which the poolers work in."""
     image_size: int = 224
     patch_size: int = 16
     vision_width: int = 768
@@ -46,6 +49,7 @@ CONFIGS = {
 
 
 def config(name: str, **overrides) -> CosmosConfig:
+    """The named config (a key of ``CONFIGS``: "vit-b16" or "tiny") with ``overrides`` (CosmosConfig fields)."""
     if name not in CONFIGS:
         raise ValueError(f"model config must be one of {tuple(CONFIGS)}, got {name!r}")
     return replace(CONFIGS[name], **overrides)
@@ -96,6 +100,11 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
 
 
 class CosmosModel(nn.Module):
+    """COSMOS's student (or, copied by ``EMATeacher``, its teacher): the towers, the two token mappings, the image
+    and text poolers (``CrossAttentionPooler``, upstream's parameter names) and the two temperatures.
+    ``forward`` gives every embedding ``CosmosLoss`` needs from the student; ``encode_image`` / ``encode_text`` the
+    towers alone (zero-shot evaluation, the teacher). Parameters are fp32; run under autocast for bf16."""
+
     def __init__(self, cfg: CosmosConfig):
         super().__init__()
         self.config = cfg

@@ -54,6 +54,7 @@ MASK_ID = CLIP_VOCAB  # the one id we add
 
 @dataclass(frozen=True)
 class SIMLAModelConfig:
+    """Sizes of a SIMLA model (defaults: the paper's ViT-B/16 at 256 px and a BERT-base-sized encoder)."""
     image_size: int = 256
     patch_size: int = 16
     width: int = 768  # the ViT's and the text encoder's (equal: image tokens enter the text encoder)
@@ -79,6 +80,7 @@ SIMLA_CONFIGS = {
 
 
 def simla_config(name: str, **overrides) -> SIMLAModelConfig:
+    """The named config (a key of ``SIMLA_CONFIGS``: "base" or "tiny") with ``overrides`` (SIMLAModelConfig fields)."""
     if name not in SIMLA_CONFIGS:
         raise ValueError(f"SIMLA model config must be one of {tuple(SIMLA_CONFIGS)}, got {name!r}")
     return replace(SIMLA_CONFIGS[name], **overrides)

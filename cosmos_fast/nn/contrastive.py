@@ -19,7 +19,11 @@ class ContrastiveLoss(nn.Module):
     scores its rows against the all-gathered columns and gradients flow back to their owners, so the gradient
     after DDP's averaging is always that of the global loss (open_clip's ``gather_with_grad=True``). With
     ``local_loss=False`` the returned value is the global loss (the mean over ranks), as open_clip reports it;
-    with ``local_loss=True`` it is this rank's share. The other open_clip arguments are accepted for drop-in use.
+    with ``local_loss=True`` it is this rank's share. The other open_clip arguments are accepted for drop-in use
+    (``gather_with_grad`` and ``cache_labels`` change nothing: the gather always keeps gradients, no labels exist).
+
+    image_features, text_features: [N, D] (this rank's rows), one float dtype; logit_scale: 0-d tensor or number.
+    Returns a 0-d fp32 loss (fp64 for fp64 features), or ``{"contrastive_loss": loss}`` with ``output_dict``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -45,6 +49,8 @@ class ContrastiveLoss(nn.Module):
 
 
 class CosmosLossOutput(NamedTuple):
+    """The COSMOS objective and its two terms, each a 0-d fp32 tensor (fp64 for fp64 features): total = clip +
+    cosmos; backpropagate ``total``."""
     total: torch.Tensor
     clip: torch.Tensor
     cosmos: torch.Tensor
@@ -63,7 +69,7 @@ class CosmosLoss(nn.Module):
     ``L_CLIP`` is the mean over image x caption pairs; ``L_COSMOS`` the mean of the four groups
     ``C(X_img, T_img) + C(X_img, T_txt) + C(X_txt, T_img) + C(X_txt, T_txt)``, which, the groups being equal in
     size, is one multiview loss of ``[X_img; X_txt]`` against ``[T_img; T_txt]``.
-    Returns ``CosmosLossOutput(total, clip, cosmos)``.
+    Returns ``CosmosLossOutput(total, clip, cosmos)``, each 0-d fp32 (fp64 for fp64 features).
     """
 
     def __init__(self, group=None):
