@@ -9,7 +9,7 @@ the CUDA extension for the ops that have one.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -21,13 +21,12 @@ ENV_VAR = "COSMOS_FAST_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+# found once, without importing triton (a plain constant: torch.compile traces through it without a warning)
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_FOUND
 
 
 def triton_interpreted() -> bool:
