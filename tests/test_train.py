@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+import config  # noqa: E402
 import plot  # noqa: E402
 import train  # noqa: E402
 
@@ -64,7 +65,7 @@ def test_other_objectives_train(tmp_path, objective):
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(config.ConfigError, match="no checkpoint"):
         train.main(["--resume"] + TINY + [f"run.out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="--resume takes no path"):
         train.main(["--resume", str(tmp_path / "checkpoint.pt")] + TINY)
@@ -74,7 +75,7 @@ def test_a_finished_run_is_not_overwritten_without_asking(tmp_path, capsys):
     """A rerun without --resume used to truncate the log and replace the checkpoint at once."""
     out = [f"run.out_dir={tmp_path}"]
     assert train.main(TINY + out + ["run.stop_at=2"]) == 0
-    with pytest.raises(FileExistsError, match="holds a run .checkpoint.pt.: --resume continues it, --overwrite"):
+    with pytest.raises(config.ConfigError, match="holds a run .checkpoint.pt.: --resume continues it, --overwrite"):
         train.main(TINY + out)
     assert _state(tmp_path)["step"] == 2
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
 """Trainer configuration: YAML + overrides, and clear errors before anything trains."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,5 +84,21 @@ def test_simla_config_is_the_default_job_with_simla_settings():
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- run\n- data\n")
+    with pytest.raises(config.ConfigError, match="must hold a mapping of sections"):
+        config.load(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("run: {steps: 3\n")
+    with pytest.raises(config.ConfigError, match="is not valid YAML"):
+        config.load(tmp_path / "broken.yaml")
+
+
+def test_the_command_line_prints_a_refused_config_in_one_line():
+    """No traceback for a configuration mistake: the message, prefixed like argparse's, and exit status 1."""
+    script = Path(__file__).resolve().parents[1] / "train" / "train.py"
+    done = subprocess.run([sys.executable, str(script), "optim.lrr=1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "train.py: error: unknown config key 'optim.lrr' (known in this section: ['accumulate', 'betas', "
+        "'clip_grad', 'eps', 'lr', 'warmup_steps', 'weight_decay'])"]

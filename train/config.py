@@ -153,14 +153,35 @@ def _parse(raw: str):
     return value
 
 
+class ConfigError(ValueError):
+    """A configuration the trainer refuses before it starts: the command line prints its message alone."""
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """The defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML)."""
+    """The defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML).
+    Every refusal is a ConfigError (a ValueError) naming the key and what it takes."""
+    try:
+        return _load(path, overrides)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _load(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        apply(cfg, yaml.safe_load(path.read_text()) or {})
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, ...), got a "
+                              f"{type(values).__name__}")
+        apply(cfg, values)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key.count(".") != 1:

@@ -335,7 +335,7 @@ def check_resume_config(saved, cfg) -> None:
     changed = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k] and k != "run.out_dir"}
     fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED}
     if fixed:
-        raise ValueError("--resume: the checkpoint was trained with other settings that it cannot continue under: "
+        raise config_lib.ConfigError("--resume: the checkpoint was trained with other settings that it cannot continue under: "
                          + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in fixed.items())
                          + "; pass the checkpoint's values (or --config it was run with)")
     if changed and world()[0] == 0:
@@ -388,13 +388,14 @@ def main(argv=None) -> int:
     cfg = config_lib.load(args.config, args.overrides)
     checkpoint_path = Path(cfg.run.out_dir) / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        raise config_lib.ConfigError(f"--resume: no checkpoint at {checkpoint_path}")
     if not args.resume and not args.overwrite and checkpoint_path.exists():
-        raise FileExistsError(f"{cfg.run.out_dir} holds a run (checkpoint.pt): --resume continues it, --overwrite "
-                              "starts afresh in its place, or set another run.out_dir")
+        raise config_lib.ConfigError(f"{cfg.run.out_dir} holds a run (checkpoint.pt): --resume continues it, "
+                                     "--overwrite starts afresh in its place, or set another run.out_dir")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
     if cfg.run.fsdp and not distributed:
-        raise ValueError("run.fsdp=true shards over ranks: start the trainer with torchrun --nproc-per-node 2 or more")
+        raise config_lib.ConfigError("run.fsdp=true shards over ranks: start the trainer with torchrun "
+                                     "--nproc-per-node 2 or more")
     if distributed:
         cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -413,7 +414,7 @@ def train(cfg, resume: bool) -> int:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if cfg.data.batch_size % size:
-        raise ValueError(f"data.batch_size ({cfg.data.batch_size}) must divide evenly over {size} ranks")
+        raise config_lib.ConfigError(f"data.batch_size ({cfg.data.batch_size}) must divide evenly over {size} ranks")
     precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision != "fp32")
@@ -440,7 +441,8 @@ def train(cfg, resume: bool) -> int:
         train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size,
                                   seed=cfg.run.seed)
         if len(train_set) < cfg.data.batch_size:
-            raise ValueError(f"the dataset has {len(train_set)} samples, fewer than one batch ({cfg.data.batch_size})")
+            raise config_lib.ConfigError(f"the dataset has {len(train_set)} samples, fewer than one batch "
+                                         f"({cfg.data.batch_size})")
 
     if cfg.run.objective == "simla":  # its visual-token codebook is fitted on training images before the EMA copy
         images = (shard_batches(collate, cfg, 0) if cfg.data.source == "webdataset"
@@ -599,4 +601,7 @@ def train(cfg, resume: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except config_lib.ConfigError as exc:  # a refused configuration: its message says it all
+        sys.exit(f"train.py: error: {exc}")
