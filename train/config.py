@@ -233,7 +233,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key, value in unit:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{key} must be in [0, 1], got {value}")
-    for key, value in (("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps), ("optim.clip_grad", cfg.optim.clip_grad)):
+    for key, value in (("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps),
+                       ("optim.clip_grad", cfg.optim.clip_grad)):
         if value is not None and not value > 0:
             raise ValueError(f"{key} must be > 0, got {value}")
     if cfg.optim.weight_decay < 0:

@@ -335,7 +335,7 @@ def check_resume_config(saved, cfg) -> None:
     changed = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k] and k != "run.out_dir"}
     fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED}
     if fixed:
-        raise config_lib.ConfigError("--resume: the checkpoint was trained with other settings that it cannot continue under: "
+        raise config_lib.ConfigError("--resume: the checkpoint was trained under settings it cannot continue without: "
                          + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in fixed.items())
                          + "; pass the checkpoint's values (or --config it was run with)")
     if changed and world()[0] == 0:

@@ -28,7 +28,8 @@ class CrossAttentionPooler(nn.Module):
     reference=False) -> [B, Lq, d_model]. Without autocast query, context and the parameters share one float dtype,
     which the output has; under autocast the output has the eager composition's dtype (the residual sum's, and
     fp32 after the normalisation under CUDA autocast). A sample whose context is all padding gets no attention
-    contribution (zeros). ``reference=True`` runs ``nn.MultiheadAttention``'s forward instead (as upstream; for comparisons).
+    contribution (zeros). ``reference=True`` runs ``nn.MultiheadAttention``'s forward instead (as upstream; for
+    comparisons).
     """
 
     def __init__(self, d_model: int, n_heads: int, kdim: int | None = None):
