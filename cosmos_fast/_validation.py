@@ -9,14 +9,16 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_float_tensor(name: str, x, ndim: int | None = None, allow_empty: bool = False) -> torch.Tensor:
+def check_float_tensor(name: str, x, ndim: int | None = None, allow_no_rows: bool = False) -> torch.Tensor:
+    """A floating tensor of ``ndim`` dimensions, not empty; ``allow_no_rows`` admits a first dimension of 0 (the
+    other dimensions still non-zero)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if x.numel() == 0 and not allow_empty:
+    if x.numel() == 0 and not (allow_no_rows and x.dim() > 1 and x.shape[0] == 0 and all(x.shape[1:])):
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     return x
 

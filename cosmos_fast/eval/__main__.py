@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..models import Tokenizer
-from .metrics import OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, retrieval_recall
+from .metrics import (OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, invalid_templates,
+                      retrieval_recall)
 from .zero_shot import (encode_images, encode_texts, load_checkpoint, model_from_state_dict, read_imagefolder,
                         read_karpathy, tower_state_dict)
 
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("nothing to evaluate: give --imagefolder DIR and/or --karpathy JSON --images ROOT")
     if args.karpathy and not args.images:
         parser.error("--karpathy needs --images ROOT, the directory its image paths are relative to")
-    if bad := [t for t in args.templates if t.count("{}") != 1 or t.replace("{}", "").count("{")]:
+    if bad := invalid_templates(args.templates):
         parser.error(f"every template needs one '{{}}' for the class name (and no other braces): {bad}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")

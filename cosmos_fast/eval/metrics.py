@@ -37,6 +37,12 @@ def _check_ks(ks) -> tuple[int, ...]:
     return ks
 
 
+def invalid_templates(templates: Sequence[str]) -> list[str]:
+    """The prompt templates that ``str.format`` cannot fill with one class name: not exactly one ``{}``, or other
+    braces."""
+    return [t for t in templates if t.count("{}") != 1 or t.replace("{}", "").count("{")]
+
+
 def _check_strings(name: str, values) -> None:
     if isinstance(values, str) or not isinstance(values, Sequence) or not values:
         raise TypeError(f"{name} must be a non-empty list of strings, got {values!r:.80}")
@@ -91,7 +97,7 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_nam
     ``encode_text`` maps a list of strings to [n, D] embeddings; each template has one ``{}`` for the name."""
     _check_strings("class_names", class_names)
     _check_strings("templates", templates)
-    if bad := [t for t in templates if t.count("{}") != 1 or t.replace("{}", "").count("{")]:
+    if bad := invalid_templates(templates):
         raise ValueError(f"every template needs one {{}} for the class name (and no other braces), got {bad}")
     rows = []
     for name in class_names:

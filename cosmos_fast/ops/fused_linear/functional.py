@@ -10,7 +10,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_linear(hidden, weight, bias, allow_no_rows=False):
-    check_float_tensor("hidden", hidden, 2, allow_empty=allow_no_rows and hidden.dim() == 2 and hidden.shape[1] > 0)
+    check_float_tensor("hidden", hidden, 2, allow_no_rows=allow_no_rows)
     check_float_tensor("weight", weight, 2)
     check_same_device("hidden", hidden, weight=weight)
     check_same_dtype("hidden", hidden, weight=weight)
@@ -33,9 +33,7 @@ def _check_soft(soft_logits, alpha, hidden, weight, rows_word):
             raise ValueError("alpha > 0 needs soft targets: pass soft_logits (the teacher's logits)")
         return None, alpha
     # zero rows are fine (none active); their count is checked against the rows where it is known
-    check_float_tensor("soft_logits", soft_logits, 2,
-                       allow_empty=isinstance(soft_logits, torch.Tensor) and soft_logits.dim() == 2
-                       and soft_logits.shape[1] > 0)
+    check_float_tensor("soft_logits", soft_logits, 2, allow_no_rows=True)
     check_same_device("hidden", hidden, soft_logits=soft_logits)
     if soft_logits.shape[1] != weight.shape[0]:
         raise ValueError(f"soft_logits must have shape [{rows_word}, {weight.shape[0]}] (V, the rows of weight), "
