@@ -10,7 +10,7 @@ Before timing, cosmos_fast is checked against the float64 dense reference (loss 
 an error is NaN or above tolerance, or the check raises, cosmos_fast is not timed in that case and dtype, the
 peers still are, and the script exits with status 1. Results: ``benchmarks/results/contrastive.{json,png}``.
 
-Usage: python benchmarks/bench_contrastive.py [--quick]
+Usage: python benchmarks/bench_contrastive.py [--quick] [--smoke]
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from common import bench_args, exit_status, measure, plot, print_table, require_cuda, save_results
+from common import (DEVICE, bench_args, device_name, exit_status, free_memory, measure, plot, print_table,
+                    require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast.nn import CosmosLoss
@@ -32,10 +33,12 @@ D = 512
 SCALE = 1 / 0.07
 SIZES = {"clip": (4096, 8192, 16384, 32768, 65536, 131072), "cosmos80": (4096, 16384)}
 QUICK_SIZES = {"clip": (4096, 16384), "cosmos80": (4096,)}
+SMOKE_SIZES = {"clip": (64, 128), "cosmos80": (32,)}
 # Views of the CosmosLoss inputs: 2 x 8 CLIP pairs + (8 + 8) x (2 + 2) distillation pairs = 80 matrices.
 COSMOS_VIEWS = {"image": 2, "text": 8, "cross_image": 8, "cross_text": 8, "teacher_image": 2, "teacher_text": 2}
 COSMOS_PAIRS = 2 * 8 + 16 * 4
 CHECK_N = {"clip": 4096, "cosmos80": 1024}  # 80 float64 matrices at N = 4096 would take tens of GiB
+SMOKE_CHECK_N = {"clip": 64, "cosmos80": 32}
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (case, N) -> (ms, GiB) that cosmos_fast must reach on one H100.
@@ -48,20 +51,20 @@ GOALS = {
 }
 
 
-def features(shape, dtype, requires_grad=True, device="cuda"):
+def features(shape, dtype, requires_grad=True, device=DEVICE):
     """L2-normalised random features, as the towers hand them to the loss."""
     return F.normalize(torch.randn(*shape, device=device), dim=-1).to(dtype).requires_grad_(requires_grad)
 
 
-def make_scale(device="cuda"):
+def make_scale(device=DEVICE):
     return torch.tensor(SCALE, dtype=torch.float32, device=device, requires_grad=True)
 
 
-def clip_inputs(n, dtype, device="cuda"):
+def clip_inputs(n, dtype, device=DEVICE):
     return features((n, D), dtype, device=device), features((n, D), dtype, device=device), make_scale(device)
 
 
-def cosmos_inputs(n, dtype, device="cuda"):
+def cosmos_inputs(n, dtype, device=DEVICE):
     views = [features((v, n, D), dtype, not name.startswith("teacher"), device) for name, v in COSMOS_VIEWS.items()]
     return (*views, make_scale(device), make_scale(device))
 
@@ -99,8 +102,9 @@ def inf_cl_loss():
     return loss, None
 
 
-def implementations(case, inf_cl):
-    """(impl, dtype, loss, dense) for every peer of ``case``; dense ones build N x N matrices."""
+def implementations(case, inf_cl, smoke):
+    """(impl, dtype, loss, dense) for every peer of ``case``; dense ones build N x N matrices. A smoke run leaves
+    out the compiled peer (compiling costs minutes on a CPU)."""
     bf16, fp32 = torch.bfloat16, torch.float32
     if case == "cosmos80":
         return [("cosmos_fast", bf16, OURS[case], False), ("eager per-pair", bf16, REFERENCE[case], True)]
@@ -109,10 +113,10 @@ def implementations(case, inf_cl):
         ("cosmos_fast", fp32, OURS[case], False),
         ("naive", bf16, REFERENCE[case], True),
         ("naive", fp32, REFERENCE[case], True),
-        # Specialised per N: dynamic shapes would cost the compiled peer speed.
-        ("torch.compile naive", bf16, torch.compile(REFERENCE[case], dynamic=False), True),
     ]
-    if inf_cl is not None:
+    if not smoke:  # specialised per N: dynamic shapes would cost the compiled peer speed
+        impls.append(("torch.compile naive", bf16, torch.compile(REFERENCE[case], dynamic=False), True))
+    if inf_cl is not None and DEVICE == "cuda":  # Triton kernels, no CPU path
         impls.append(("inf-cl", fp32, inf_cl, False))  # Inf-CL computes in fp32
     return impls
 
@@ -148,12 +152,13 @@ def errors_against(loss_fn, inputs, names, ref_loss, ref_grads):
     return errors
 
 
-def check(case, dtype):
-    """cosmos_fast (and, for context, the dense loss in the same dtype) against the float64 dense reference.
+def check(case, dtype, n):
+    """cosmos_fast (and, for context, the dense loss in the same dtype) against the float64 dense reference
+    with ``n`` rows.
 
     A check that raises is recorded as failed, with the error, so that every check gets reported.
     """
-    n, tol = CHECK_N[case], TOLERANCE[dtype]
+    tol = TOLERANCE[dtype]
     result = {"case": case, "N": n, "dtype": DTYPE_NAMES[dtype], "tolerance": tol, "passed": False,
               "errors": {}, "naive_errors": {}}
     try:
@@ -172,11 +177,11 @@ def check(case, dtype):
     return result
 
 
-def run_checks():
+def run_checks(check_n):
     checks = []
     for case, dtype in (("clip", torch.bfloat16), ("clip", torch.float32), ("cosmos80", torch.bfloat16)):
-        c = check(case, dtype)
-        torch.cuda.empty_cache()
+        c = check(case, dtype, check_n[case])
+        free_memory()
         checks.append(c)
         errors = ", ".join(f"{k} {v:.2e}" for k, v in c["errors"].items()) or c.get("error")
         naive = ", ".join(f"{k} {v:.2e}" for k, v in c["naive_errors"].items())
@@ -198,17 +203,18 @@ def with_goal(row):
 
 def main():
     args = bench_args(__doc__.splitlines()[0]).parse_args()
-    require_cuda("bench_contrastive")
+    require_device("bench_contrastive", args)
     torch.manual_seed(0)
-    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.quick else {}
-    sizes = QUICK_SIZES if args.quick else SIZES
-    dense_limit = 0.95 * torch.cuda.get_device_properties(0).total_memory  # about 75 GiB on an 80 GB H100
+    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.quick or args.smoke else {}
+    sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else SIZES
+    # about 75 GiB on an 80 GB H100
+    dense_limit = 0.95 * torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda" else math.inf
 
     inf_cl, note = inf_cl_loss()
     notes = [note] if note else []
     for line in notes:
         print(line)
-    checks = run_checks()
+    checks = run_checks(SMOKE_CHECK_N if args.smoke else CHECK_N)
     # cosmos_fast is not timed where it computes the wrong thing; its peers still are.
     failed_checks = {(c["case"], c["dtype"]) for c in checks if not c["passed"]}
     meta = {"D": D, "quick": args.quick, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
@@ -216,7 +222,7 @@ def main():
 
     rows = []
     for case, ns in sizes.items():
-        impls = implementations(case, inf_cl)  # once per case: the compiled peer keeps its cache across N
+        impls = implementations(case, inf_cl, args.smoke)  # once per case: the compiled peer keeps its cache across N
         for n in ns:
             for impl, dtype, loss_fn, dense in impls:
                 row = {"case": case, "impl": impl, "dtype": DTYPE_NAMES[dtype], "N": n}
@@ -226,14 +232,14 @@ def main():
                     row.update(ms=None, peak_gib=None, reps=0, status="skipped (oom)")
                 else:
                     row.update(measure(fwd_bwd(loss_fn), lambda: INPUTS[case](n, dtype), **timing))
-                rows.append(with_goal(row))
+                rows.append(row if args.smoke else with_goal(row))  # goals are for the real sizes
                 ms = "-" if row["ms"] is None else f"{row['ms']:.3f} ms"
                 gib = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.3f} GiB"
                 print(f"{case} N={n} {impl} {row['dtype']}: {ms}, {gib} ({row['status']})", flush=True)
                 save_results(NAME, rows, meta)  # a run cut short still leaves what it measured
 
     path = save_results(NAME, rows, meta)
-    device = torch.cuda.get_device_name()
+    device = device_name()
     plot(NAME, rows, x="N", y=("ms", "peak_gib"), series=("case", "impl", "dtype"),
          title=f"contrastive loss fwd+bwd, D={D}, {device}")
     print(f"\nResults: {path}\n")

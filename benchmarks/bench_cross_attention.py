@@ -14,7 +14,7 @@ which cosmos_fast hands to SDPA). Two levels:
 Ours (the attention op and both pooler forms) is checked against the float64 reference on the GPU first.
 Results: ``benchmarks/results/cross_attention``.
 
-Usage: python benchmarks/bench_cross_attention.py [--quick]
+Usage: python benchmarks/bench_cross_attention.py [--quick] [--smoke]
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import bench_args, bar_plot, measure, print_table, require_cuda, save_results
+from common import DEVICE, bench_args, bar_plot, device_name, measure, print_table, require_device, save_results
 
 import cosmos_fast
+from cosmos_fast import _dispatch
 from cosmos_fast.ops.attention import pooler as pooler_ops
 from cosmos_fast.ops.attention import triton_kernels
 from cosmos_fast.ops.attention.reference import cross_attention_reference
@@ -37,6 +38,11 @@ D_MODEL, HEADS = 512, 8
 SHAPES = [("cosmos text", 256, 8, 77), ("cosmos image", 1024, 8, 196), ("cosmos text", 1024, 8, 77),
           ("cosmos image", 256, 8, 196), ("simla t->i", 512, 25, 257), ("simla i->t", 512, 257, 25)]
 QUICK_SHAPES = SHAPES[:2]
+SMOKE_SHAPES = [("cosmos text", 3, 8, 77), ("simla i->t", 2, 257, 25)]  # Triton's range and SDPA's
+# the backends SDPA has on this device (a smoke run on the CPU has two)
+SDPA_BACKENDS = ((SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                  SDPBackend.MATH) if DEVICE == "cuda" else (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH))
+TRITON_RUNS = DEVICE == "cuda" or _dispatch.triton_interpreted()  # whether the Triton kernel can run here
 GOALS = {("pooler", 1024, 196): 2.5, ("pooler", 256, 77): 0.8}  # ms, fwd+bwd (kernels.md)
 
 
@@ -55,16 +61,16 @@ class MultiheadAttentionPooler(nn.Module):
 
 
 def padding(B, Lk):
-    mask = torch.rand(B, Lk, device="cuda") < 0.3
+    mask = torch.rand(B, Lk, device=DEVICE) < 0.3
     mask[:, 0] = False  # every sample keeps a token, so every peer is defined
     return mask
 
 
 def attention_inputs(B, Lq, Lk):
     def make():
-        q, k, v = (torch.randn(B, L, HEADS, D_MODEL // HEADS, device="cuda", dtype=torch.bfloat16,
+        q, k, v = (torch.randn(B, L, HEADS, D_MODEL // HEADS, device=DEVICE, dtype=torch.bfloat16,
                                requires_grad=True) for L in (Lq, Lk, Lk))
-        return q, k, v, padding(B, Lk), torch.randn(B, Lq, HEADS, D_MODEL // HEADS, device="cuda",
+        return q, k, v, padding(B, Lk), torch.randn(B, Lq, HEADS, D_MODEL // HEADS, device=DEVICE,
                                                     dtype=torch.bfloat16)
     return make
 
@@ -85,7 +91,9 @@ def sdpa(backend):
 
 def xformers_attention():
     """xformers' memory-efficient attention as a peer, or None where it is not installed or does not import
-    (a wheel built for another torch may fail to load its extension)."""
+    (a wheel built for another torch may fail to load its extension), or there is no GPU."""
+    if DEVICE != "cuda":
+        return None
     try:
         import xformers.ops as xops
     except Exception as exc:  # any failure to import means: no xformers peer in this run
@@ -93,7 +101,7 @@ def xformers_attention():
         return None
 
     def run(q, k, v, mask, grad):
-        bias = torch.zeros(mask.shape[0], HEADS, q.shape[1], mask.shape[1], device="cuda", dtype=q.dtype)
+        bias = torch.zeros(mask.shape[0], HEADS, q.shape[1], mask.shape[1], device=DEVICE, dtype=q.dtype)
         bias.masked_fill_(mask[:, None, None, :], float("-inf"))
         out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
         return torch.autograd.grad(out, (q, k, v), grad)
@@ -102,9 +110,9 @@ def xformers_attention():
 
 def pooler_inputs(B, Lq, Lk):
     def make():
-        query = torch.randn(B, Lq, D_MODEL, device="cuda", requires_grad=True)
-        context = torch.randn(B, Lk, D_MODEL, device="cuda", requires_grad=True)
-        return query, context, padding(B, Lk), torch.randn(B, Lq, D_MODEL, device="cuda")
+        query = torch.randn(B, Lq, D_MODEL, device=DEVICE, requires_grad=True)
+        context = torch.randn(B, Lk, D_MODEL, device=DEVICE, requires_grad=True)
+        return query, context, padding(B, Lk), torch.randn(B, Lq, D_MODEL, device=DEVICE)
     return make
 
 
@@ -119,22 +127,22 @@ def pooler_step(module, form=None):
                                        normalize=True, form=form)
 
     def run(query, context, mask, grad):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             out = forward(query, context, mask)
         return torch.autograd.grad(out, [query, context] + params, grad.to(out.dtype))
     return run
 
 
-def check_pooler(form: str) -> dict:
+def check_pooler(form: str, B: int) -> dict:
     """One pooler form under bf16 autocast against the float64 nn.MultiheadAttention pooler (upstream's forward over
     the same parameters) at a COSMOS shape: relative error of the output and of every gradient."""
-    B, Lq, Lk = 64, 8, 196
-    ours = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda()
-    reference = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda().double()
+    Lq, Lk = 8, 196
+    ours = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).to(DEVICE)
+    reference = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).to(DEVICE).double()
     reference.load_state_dict(ours.state_dict())
     query, context, mask, grad = pooler_inputs(B, Lq, Lk)()
     leaves = [query, context, *ours.parameters()]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = pooler_ops.fused_pooler(query, context, mask, ours.ln_q, ours.ln_k, ours.attn, residual=True,
                                       normalize=True, form=form)
     grads = torch.autograd.grad(out, leaves, grad)
@@ -149,13 +157,13 @@ def check_pooler(form: str) -> dict:
             "passed": max(errors.values()) < 2e-2}
 
 
-def check() -> dict:
+def check(B: int) -> dict:
     """Ours against float64 at a COSMOS shape (bf16 inputs): worst relative error of output and gradients."""
-    B, Lq, Lk = 64, 8, 77
+    Lq, Lk = 8, 77
     mask = padding(B, Lk)
-    q64, k64, v64 = (torch.randn(B, L, HEADS, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+    q64, k64, v64 = (torch.randn(B, L, HEADS, 64, device=DEVICE, dtype=torch.float64, requires_grad=True)
                      for L in (Lq, Lk, Lk))
-    grad = torch.randn(B, Lq, HEADS, 64, device="cuda", dtype=torch.float64)
+    grad = torch.randn(B, Lq, HEADS, 64, device=DEVICE, dtype=torch.float64)
     ref = cross_attention_reference(q64, k64, v64, mask)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad)
     q, k, v = (x.detach().bfloat16().requires_grad_() for x in (q64, k64, v64))
@@ -163,13 +171,16 @@ def check() -> dict:
     grads = torch.autograd.grad(out, (q, k, v), grad.bfloat16())
     errors = {name: ((a.double() - b).norm() / b.norm()).item()
               for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
-    return {"case": "cosmos text B=64", "dtype": "bf16", "errors": errors, "passed": max(errors.values()) < 2e-2}
+    return {"case": f"cosmos text B={B}", "dtype": "bf16", "errors": errors, "passed": max(errors.values()) < 2e-2}
 
 
 def main() -> int:
     args = bench_args(__doc__.splitlines()[0]).parse_args()
-    require_cuda("bench_cross_attention")
-    checks = [check()] + [check_pooler(form) for form in pooler_ops.FORMS]
+    require_device("bench_cross_attention", args)
+    # the projected-K/V form calls the Triton kernel itself: without a GPU it needs the interpreter
+    forms = [form for form in pooler_ops.FORMS if form != "projected_kv" or TRITON_RUNS]
+    check_batch = 2 if args.smoke else 64
+    checks = [check(check_batch)] + [check_pooler(form, check_batch) for form in forms]
     for result in checks:
         print(f"check: {result}")
     notes = []
@@ -177,32 +188,33 @@ def main() -> int:
     if xformers_run is None:
         notes.append("xformers not installed or not importable: skipped")
     rows = []
-    mha = MultiheadAttentionPooler().cuda()
-    ours_pooler = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).cuda()
+    mha = MultiheadAttentionPooler().to(DEVICE)
+    ours_pooler = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).to(DEVICE)
     ours_pooler.load_state_dict(mha.state_dict())
-    compiled_mha = torch.compile(mha)
-    compiled_ours = torch.compile(ours_pooler)
-    graphed_ours = torch.compile(ours_pooler, mode="reduce-overhead")  # CUDA graphs: no per-launch CPU cost
-    for case, B, Lq, Lk in QUICK_SHAPES if args.quick else SHAPES:
-        attention = [("cosmos_fast", ours_attention)] + [
-            (f"sdpa {b.name.lower()}", sdpa(b)) for b in
-            (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-             SDPBackend.MATH)]
+    # a smoke run leaves out the compiled ones: compiling costs minutes on a CPU
+    compiled_ours = [] if args.smoke else [
+        ("torch.compile cosmos_fast pooler", torch.compile(ours_pooler)),
+        # CUDA graphs: no per-launch CPU cost
+        ("cosmos_fast pooler, compile reduce-overhead", torch.compile(ours_pooler, mode="reduce-overhead"))]
+    compiled_mha = [] if args.smoke else [("torch.compile MHA pooler", torch.compile(mha))]
+    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.smoke else dict(reps=100)
+    for case, B, Lq, Lk in SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else SHAPES:
+        attention = [("cosmos_fast", ours_attention)] + [(f"sdpa {b.name.lower()}", sdpa(b)) for b in SDPA_BACKENDS]
         if xformers_run is not None:
             attention.append(("xformers", xformers_run))
         # each single-node form forced (the Triton kernel behind the projected-K/V form takes Lq <= 64)
-        forms = [form for form in pooler_ops.FORMS
-                 if form != "projected_kv" or triton_kernels.supports(Lq, D_MODEL // HEADS, torch.bfloat16)]
-        poolers = [("cosmos_fast pooler", pooler_step(ours_pooler))] + [
-                   (f"cosmos_fast pooler, {form} form", pooler_step(ours_pooler, form)) for form in forms] + [
-                   ("torch.compile cosmos_fast pooler", pooler_step(compiled_ours)),
-                   ("cosmos_fast pooler, compile reduce-overhead", pooler_step(graphed_ours)),
-                   ("eager MHA pooler", pooler_step(mha)), ("torch.compile MHA pooler", pooler_step(compiled_mha))]
+        shape_forms = [form for form in forms
+                       if form != "projected_kv" or triton_kernels.supports(Lq, D_MODEL // HEADS, torch.bfloat16)]
+        poolers = [("cosmos_fast pooler", pooler_step(ours_pooler))]
+        poolers += [(f"cosmos_fast pooler, {form} form", pooler_step(ours_pooler, form)) for form in shape_forms]
+        poolers += [(name, pooler_step(module)) for name, module in compiled_ours]
+        poolers += [("eager MHA pooler", pooler_step(mha))]
+        poolers += [(name, pooler_step(module)) for name, module in compiled_mha]
         for level, impls, make in (("attention", attention, attention_inputs(B, Lq, Lk)),
                                    ("pooler", poolers, pooler_inputs(B, Lq, Lk))):
             for impl, fn in impls:
-                result = measure(fn, make, reps=100)
-                goal = GOALS.get((level, B, Lk)) if "cosmos_fast" in impl and Lq == 8 else None
+                result = measure(fn, make, **timing)
+                goal = GOALS.get((level, B, Lk)) if "cosmos_fast" in impl and Lq == 8 and not args.smoke else None
                 row = {"case": f"{level}: {case}", "impl": impl, "dtype": "bf16", "N": B, "Lq": Lq, "Lk": Lk,
                        **result, "goal": None if goal is None else f"<= {goal} ms",
                        "met": None if goal is None else ("yes" if (result["ms"] or 1e9) <= goal else "no")}
@@ -211,7 +223,7 @@ def main() -> int:
                       flush=True)
                 save_results(NAME, rows, {"checks": checks, "notes": notes})
     bar_plot(NAME, [dict(r, label=f"{r['case']} B={r['N']}") for r in rows if r["ms"] is not None],
-             label=("label", "impl"), values=("ms",), title=f"cross-attention fwd+bwd, {torch.cuda.get_device_name()}")
+             label=("label", "impl"), values=("ms",), title=f"cross-attention fwd+bwd, {device_name()}")
     print()
     print_table(rows, ["case", "N", "Lq", "Lk", "impl", "ms", ("peak_gib", "GiB"), "goal", "met", "status"])
     if not all(result["passed"] for result in checks):

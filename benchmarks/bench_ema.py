@@ -6,10 +6,10 @@ upstream trains it) and bf16. Implementations: ours through the CUDA extension a
 per-tensor ``mul_``/``add_`` loop of DINO and upstream COSMOS, ``torch._foreach_mul_`` + ``_foreach_add_``,
 ``torch._foreach_lerp_``, and one lerp over a single flat buffer of all parameters (the copy floor: every
 byte read and written once). Our set has 152.4M parameters in 322 tensors, 3% fewer than the 157.4M of
-``kernels.md``'s measurement, so compare against the floor measured in the same run (GB/s). Before timing, both of our paths are checked against a float64 reference on the
-GPU. Results: ``benchmarks/results/ema.{json,png}``.
+``kernels.md``'s measurement, so compare against the floor measured in the same run (GB/s). Before timing,
+both of our paths are checked against a float64 reference on the GPU. Results: ``benchmarks/results/ema.{json,png}``.
 
-Usage: python benchmarks/bench_ema.py [--quick]
+Usage: python benchmarks/bench_ema.py [--quick] [--smoke]
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import sys
 
 import torch
 
-from common import bench_args, bar_plot, measure, print_table, require_cuda, save_results
+from common import DEVICE, bench_args, bar_plot, device_name, measure, print_table, require_device, save_results, \
+    synchronize
 
 import cosmos_fast
-from cosmos_fast import _extension
+from cosmos_fast import _dispatch, _extension
 
 NAME = "ema"
 MOMENTUM = 0.999
@@ -42,6 +43,9 @@ def cosmos_shapes() -> list[tuple[int, ...]]:
     mappings = [(512, 768), (512,), (512, 512), (512,)]
     pooler = [(512,), (512,), (512,), (512,), (1536, 512), (1536,), (512, 512), (512,)]
     return vision + text + mappings + pooler + pooler + [(), ()]
+
+
+SMOKE_SHAPES = [(48, 3, 4, 4), (48,), (1, 5, 48), (144, 48), (144,), ()]  # every kind of tensor, toy sizes
 
 
 def per_tensor_loop(teacher, student, m):
@@ -74,11 +78,11 @@ def ours(backend):
 
 def check(backend, shapes, dtype) -> dict:
     """Our update against float64 on a fresh copy of the parameter set; relative error of the teacher."""
-    teacher = [torch.randn(s, device="cuda") for s in shapes]
-    student = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    teacher = [torch.randn(s, device=DEVICE) for s in shapes]
+    student = [torch.randn(s, device=DEVICE).to(dtype) for s in shapes]
     expected = [MOMENTUM * t.double() + (1 - MOMENTUM) * s.double() for t, s in zip(teacher, student)]
     ours(backend)(teacher, student, MOMENTUM)
-    torch.cuda.synchronize()
+    synchronize()
     error = max(((t.double() - e).norm() / e.norm()).item() for t, e in zip(teacher, expected))
     return {"impl": f"cosmos_fast ({backend})", "dtype": str(dtype).replace("torch.", ""), "error": error,
             "passed": error < 1e-6}
@@ -86,14 +90,16 @@ def check(backend, shapes, dtype) -> dict:
 
 def main() -> int:
     args = bench_args(__doc__.splitlines()[0]).parse_args()
-    require_cuda("bench_ema")
-    shapes = cosmos_shapes()
+    require_device("bench_ema", args)
+    shapes = SMOKE_SHAPES if args.smoke else cosmos_shapes()
     n_params = sum(torch.Size(s).numel() for s in shapes)
-    print(f"COSMOS ViT-B/16 student: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors; "
+    case = "smoke" if args.smoke else "cosmos-vit-b16"
+    print(f"{case} parameter set: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors; "
           f"{n_params * (TEACHER_BYTES + 4) / 1e9:.2f} GB moved with an fp32 student")
     extension = _extension.load()
     notes = [f"CUDA extension: {_extension.status()}"]
-    backends = (["cuda"] if extension is not None else []) + ["triton"]
+    backends = (["cuda"] if extension is not None else []) + (
+        ["triton"] if DEVICE == "cuda" or _dispatch.triton_interpreted() else ["torch"])  # a smoke run on CPU
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     checks = [check(b, shapes, d) for b in backends for d in dtypes]
     for c in checks:
@@ -102,13 +108,13 @@ def main() -> int:
 
     def lists(dtype):
         def make():
-            return [torch.randn(s, device="cuda") for s in shapes], [torch.randn(s, device="cuda").to(dtype)
+            return [torch.randn(s, device=DEVICE) for s in shapes], [torch.randn(s, device=DEVICE).to(dtype)
                                                                      for s in shapes], MOMENTUM
         return make
 
     def flat(dtype):
         def make():
-            return torch.randn(n_params, device="cuda"), torch.randn(n_params, device="cuda").to(dtype), MOMENTUM
+            return torch.randn(n_params, device=DEVICE), torch.randn(n_params, device=DEVICE).to(dtype), MOMENTUM
         return make
 
     impls = [(f"cosmos_fast ({b})", ours(b), lists) for b in backends]
@@ -121,16 +127,16 @@ def main() -> int:
                 continue  # PyTorch's foreach ops and lerp need one dtype: the student would need a cast copy
             result = measure(fn, make(dtype), reps=100, pool=2)
             ms = result["ms"]
-            row = {"case": "cosmos-vit-b16", "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+            row = {"case": case, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
                    "N": n_params, "tensors": len(shapes), **result,
                    "GB/s": None if ms is None else n_params * (TEACHER_BYTES + dtype.itemsize) / ms / 1e6}
-            if impl.startswith("cosmos_fast"):
+            if impl.startswith("cosmos_fast") and not args.smoke:  # goals are for the real parameter set
                 row.update(goal=f"<= {GOAL_MS} ms", met="yes" if ms is not None and ms <= GOAL_MS else "no")
             rows.append(row)
             print(f"{impl} student {row['dtype']}: {ms} ms", flush=True)
             save_results(NAME, rows, {"checks": checks, "notes": notes, "momentum": MOMENTUM})
     bar_plot(NAME, rows, label=("impl", "dtype"), values=("ms", "GB/s"),
-             title=f"EMA update, {n_params / 1e6:.1f}M params / {len(shapes)} tensors, {torch.cuda.get_device_name()}")
+             title=f"EMA update, {n_params / 1e6:.1f}M params / {len(shapes)} tensors, {device_name()}")
     print()
     print_table(rows, ["impl", "dtype", "tensors", "ms", "GB/s", "goal", "met", "status"])
     failed = [c for c in checks if not c["passed"]]

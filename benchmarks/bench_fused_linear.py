@@ -14,7 +14,7 @@ fails, cosmos_fast is not timed for that case, the peers still are, and the scri
 ``floor_ms`` is the bf16 matrix-product floor of the active rows' three products (logits, dX, dW) at
 747 TFLOP/s. Results: ``benchmarks/results/fused_linear.{json,png}``.
 
-Usage: python benchmarks/bench_fused_linear.py [--quick]
+Usage: python benchmarks/bench_fused_linear.py [--quick] [--smoke]
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import traceback
 
 import torch
 
-from common import bar_plot, bench_args, exit_status, measure, print_table, require_cuda, save_results
+from common import (DEVICE, bar_plot, bench_args, device_name, exit_status, free_memory, measure, print_table,
+                    require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast.ops.fused_linear.reference import fused_linear_bce_reference, fused_linear_cross_entropy_reference
@@ -40,6 +41,7 @@ CASES = {
     "psl": ("bce", 256, 30522, 512, 1.0),
 }
 QUICK_CASES = ("xmm-text", "psl")
+SMOKE_CASES = {"xmm-text": ("ce", 32, 300, 64, 0.15), "psl": ("bce", 16, 300, 16, 1.0)}
 CHECK_ROWS = 2048  # rows of the float64 check (the full logits in float64 are 8 bytes each)
 KEYWORDS = 5
 TOLERANCE = 2e-2  # bf16 inputs
@@ -49,16 +51,16 @@ DTYPE = torch.bfloat16
 def make_inputs(case, rows, alpha, dtype=DTYPE):
     """(hidden, weight, bias, target, soft_logits or None), fresh random: logits of a few units."""
     kind, H, V, _, active = CASES[case]
-    hidden = torch.randn(rows, H, device="cuda").to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, device="cuda") * (2 / H ** 0.5)).to(dtype).requires_grad_()
-    bias = (0.5 * torch.randn(V, device="cuda")).to(dtype).requires_grad_()
+    hidden = torch.randn(rows, H, device=DEVICE).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=DEVICE) * (2 / H ** 0.5)).to(dtype).requires_grad_()
+    bias = (0.5 * torch.randn(V, device=DEVICE)).to(dtype).requires_grad_()
     if kind == "ce":
-        target = torch.randint(0, V, (rows,), device="cuda")
-        target = torch.where(torch.rand(rows, device="cuda") < active, target, torch.full_like(target, IGNORE))
+        target = torch.randint(0, V, (rows,), device=DEVICE)
+        target = torch.where(torch.rand(rows, device=DEVICE) < active, target, torch.full_like(target, IGNORE))
     else:
-        keywords = torch.randint(0, V, (rows, KEYWORDS), device="cuda")
-        target = torch.zeros(rows, V, dtype=torch.bool, device="cuda").scatter_(1, keywords, True)
-    soft = (2 * torch.randn(rows, V, device="cuda")).to(dtype) if alpha else None
+        keywords = torch.randint(0, V, (rows, KEYWORDS), device=DEVICE)
+        target = torch.zeros(rows, V, dtype=torch.bool, device=DEVICE).scatter_(1, keywords, True)
+    soft = (2 * torch.randn(rows, V, device=DEVICE)).to(dtype) if alpha else None
     return hidden, weight, bias, target, soft
 
 
@@ -84,15 +86,13 @@ def liger_loss():
     return (lambda h, w, b, t, s: loss_fn(w, h, t, b)), None
 
 
-def implementations(kind, alpha, liger):
-    """(impl, loss) for every peer of one case and alpha."""
-    impls = [
-        ("cosmos_fast", ours(kind, alpha)),
-        ("naive", naive(kind, alpha)),
-        # Specialised per shape: dynamic shapes would cost the compiled peer speed.
-        ("torch.compile naive", torch.compile(naive(kind, alpha), dynamic=False)),
-    ]
-    if liger is not None and kind == "ce" and alpha == 0.0:
+def implementations(kind, alpha, liger, smoke):
+    """(impl, loss) for every peer of one case and alpha (a smoke run leaves out the compiled peer: compiling
+    costs minutes on a CPU)."""
+    impls = [("cosmos_fast", ours(kind, alpha)), ("naive", naive(kind, alpha))]
+    if not smoke:  # specialised per shape: dynamic shapes would cost the compiled peer speed
+        impls.append(("torch.compile naive", torch.compile(naive(kind, alpha), dynamic=False)))
+    if liger is not None and kind == "ce" and alpha == 0.0 and DEVICE == "cuda":  # Triton kernels, no CPU path
         impls.append(("liger", liger))
     return impls
 
@@ -159,7 +159,7 @@ def run_checks(cases):
     for case in cases:
         for alpha in ALPHAS:
             c = check(case, alpha)
-            torch.cuda.empty_cache()
+            free_memory()
             checks.append(c)
             errors = ", ".join(f"{k} {v:.2e}" for k, v in c["errors"].items()) or c.get("error")
             naive_errors = ", ".join(f"{k} {v:.2e}" for k, v in c["naive_errors"].items())
@@ -171,10 +171,13 @@ def run_checks(cases):
 
 def main():
     args = bench_args(__doc__.splitlines()[0]).parse_args()
-    require_cuda("bench_fused_linear")
+    require_device("bench_fused_linear", args)
     torch.manual_seed(0)
-    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.quick else {}
-    cases = QUICK_CASES if args.quick else tuple(CASES)
+    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.quick or args.smoke else {}
+    if args.smoke:  # the helpers read CASES
+        CASES.clear()
+        CASES.update(SMOKE_CASES)
+    cases = tuple(CASES) if not args.quick else QUICK_CASES
 
     liger, note = liger_loss()
     notes = [note] if note else []
@@ -191,7 +194,7 @@ def main():
         kind, H, V, n_rows, _ = CASES[case]
         for alpha in ALPHAS:
             n_active = active_rows(case, make_inputs(case, n_rows, 0.0))
-            for impl, loss_fn in implementations(kind, alpha, liger):
+            for impl, loss_fn in implementations(kind, alpha, liger, args.smoke):
                 row = {"case": case, "alpha": alpha, "impl": impl, "dtype": "bf16", "H": H, "V": V, "rows": n_rows,
                        "active_rows": n_active, "floor_ms": floor_ms(case, n_active)}
                 if impl == "cosmos_fast" and (case, alpha) in failed_checks:
@@ -206,7 +209,7 @@ def main():
 
     path = save_results(NAME, rows, meta)
     bar_plot(NAME, rows, label=("case", "alpha", "impl"), values=("ms", "peak_gib"),
-             title=f"fused linear + CE/BCE fwd+bwd, bf16, {torch.cuda.get_device_name()}")
+             title=f"fused linear + CE/BCE fwd+bwd, bf16, {device_name()}")
     print(f"\nResults: {path}\n")
     print_table(rows, ["case", "alpha", "impl", "active_rows", "V", "ms", ("floor_ms", "floor"), ("peak_gib", "GiB"),
                        "status"])

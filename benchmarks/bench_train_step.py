@@ -15,7 +15,9 @@ For 64/128/256 samples per GPU: samples/s, median ms of each stage (forward incl
 optimizer, EMA; CUDA events) and peak GiB. Then a short run whose reference and fused losses must agree step by
 step (same initial weights, same random batches). Results: ``benchmarks/results/train_step`` (JSON, PNG).
 
-Usage: python benchmarks/bench_train_step.py [--quick] [--steps N] [--batches 64,128,256] [--agreement-steps N]
+Usage: python benchmarks/bench_train_step.py [--quick] [--smoke] [--steps N] [--batches 64,128,256]
+       [--agreement-steps N]
+(``--smoke``: the tiny model at 4 samples, eager variants only, 2 steps each: checks that the script runs.)
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from common import (GIB, bar_plot, bench_args, failure_status, free_cuda_memory, print_table, require_cuda,
-                    save_results)
+from common import (DEVICE, bar_plot, bench_args, device_name, failure_status, free_memory, peak_gib, print_table,
+                    require_device, reset_peak_memory, save_results, synchronize, timing_event)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 import config as config_lib  # noqa: E402
@@ -47,12 +49,15 @@ STAGES = ("forward", "backward", "optimizer", "ema")
 GOAL_SAMPLES_PER_S = 800  # at 128 per GPU (kernels.md); 256 per GPU within 75 GiB
 AGREEMENT_TOLERANCE = 2e-2  # relative, per step, bf16 autocast on both sides
 EAGER_UPSTREAM = "eager reference-style code: 372 samples/s at 128 per GPU, 47 GiB (kernels.md)"
+VIT_B16 = dict(model="vit-b16", image_size=224, local_size=96)
+SMOKE_MODEL = dict(model="tiny", image_size=48, local_size=24)
+SMOKE_BATCH = 4
 
 
 SENTENCE_TOKENS = (8, 32)  # the length of one random sentence, uniform
 
 
-def random_batch(B: int, cfg, vocab: int, device="cuda"):
+def random_batch(B: int, cfg, vocab: int, device=DEVICE):
     """Fresh crops and captions with cosmos.md's text crops' shape: a global caption joins 1-5 sentences (cut at
     the context length), a local caption is one sentence; token ids with a start and an end-of-text token."""
     size, local_size, length = cfg.data.image_size, cfg.data.local_size, cfg.data.context_length
@@ -78,7 +83,7 @@ def step_config(B: int, options: list[str], model: str = "vit-b16", image_size: 
                                   *options])
 
 
-def agreement(steps: int, B: int, device: str = "cuda", **model) -> dict:
+def agreement(steps: int, B: int, device: str = DEVICE, **model) -> dict:
     """Losses of ``steps`` training steps of the reference and the fused kernels from the same initial weights
     on the same random batches (bf16 autocast on GPU, fp32 on CPU): the two must agree step by step."""
     losses = {}
@@ -106,44 +111,45 @@ def agreement(steps: int, B: int, device: str = "cuda", **model) -> dict:
     return {**losses, "worst_relative_difference": worst}
 
 
-def run_variant(variant: str, B: int, steps: int) -> dict:
-    cfg = step_config(B, VARIANTS[variant])
+def run_variant(variant: str, B: int, steps: int, warmup: int = 3, **model) -> dict:
+    """Time ``steps`` training steps after ``warmup`` ones; ``model`` as ``step_config``'s (ViT-B/16 by default)."""
+    cfg = step_config(B, VARIANTS[variant], **(model or VIT_B16))
     torch.manual_seed(0)
-    model = CosmosModel(model_config("vit-b16", image_size=224, context_length=77)).cuda()
-    teacher = cosmos_fast.EMATeacher(model, momentum=0.999)
-    trainer.prepare_towers(model, teacher, cfg)
+    net = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size, context_length=77)).to(DEVICE)
+    teacher = cosmos_fast.EMATeacher(net, momentum=0.999)
+    trainer.prepare_towers(net, teacher, cfg)
     loss_fn = cosmos_fast.nn.CosmosLoss()
-    optimizer = torch.optim.AdamW(trainer.param_groups(model, 0.5), lr=1e-4, betas=(0.9, 0.98), fused=True)
-    vocab = model.text.token_embedding.num_embeddings
+    optimizer = torch.optim.AdamW(trainer.param_groups(net, 0.5), lr=1e-4, betas=(0.9, 0.98),
+                                  fused=DEVICE == "cuda")
+    vocab = net.text.token_embedding.num_embeddings
     batches = [random_batch(B, cfg, vocab) for _ in range(2)]
     events = {stage: [] for stage in STAGES}
     totals = []
-    torch.cuda.reset_peak_memory_stats()
-    warmup = 3
+    reset_peak_memory()
     for step in range(warmup + steps):
         global_crops, local_crops, captions = batches[step % len(batches)]
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 1)]
+        marks = [timing_event() for _ in range(len(STAGES) + 1)]
         marks[0].record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = trainer.losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, step, cfg)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):  # fp32 on CPU, as train.py
+            loss, _ = trainer.losses(net, teacher, loss_fn, global_crops, local_crops, captions, step, step, cfg)
         marks[1].record()
         loss.backward()
         marks[2].record()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scales_()
+        net.clamp_logit_scales_()
         marks[3].record()
-        trainer.update_teacher(teacher, model, step, cfg)
+        trainer.update_teacher(teacher, net, step, cfg)
         marks[4].record()
         if step >= warmup:
             for i, stage in enumerate(STAGES):
                 events[stage].append((marks[i], marks[i + 1]))
             totals.append((marks[0], marks[-1]))
-    torch.cuda.synchronize()
+    synchronize()
     stage_ms = {stage: statistics.median(s.elapsed_time(e) for s, e in pairs) for stage, pairs in events.items()}
     step_ms = statistics.median(s.elapsed_time(e) for s, e in totals)
     return {"step_ms": step_ms, "samples_per_s": B / step_ms * 1000, **{f"{s}_ms": v for s, v in stage_ms.items()},
-            "peak_gib": torch.cuda.max_memory_allocated() / GIB, "loss": loss.item(), "status": "ok"}
+            "peak_gib": peak_gib(), "loss": loss.item(), "status": "ok"}
 
 
 def batch_list(text: str) -> tuple[int, ...]:
@@ -166,36 +172,41 @@ def main() -> int:
     parser.add_argument("--batches", type=batch_list, default=BATCHES,
                         help="samples per GPU to time, comma-separated (a session with short calls can split them)")
     args = parser.parse_args()
-    batches = (128,) if args.quick else args.batches
-    require_cuda("bench_train_step")
+    require_device("bench_train_step", args)
+    batches = (SMOKE_BATCH,) if args.smoke else (128,) if args.quick else args.batches
+    # a smoke run: the eager variants (compiling costs minutes on a CPU; tests/test_train.py covers run.compile)
+    variants = [v for v in VARIANTS if not args.smoke or "run.compile=true" not in VARIANTS[v]]
+    model = SMOKE_MODEL if args.smoke else VIT_B16
     rows = []
     for B in batches:
-        for variant in VARIANTS:
+        for variant in variants:
             if variant in LARGE_BATCH_ONLY and B < max(BATCHES) and not args.quick:  # --quick: all, at 128
                 continue
             try:
-                result = run_variant(variant, B, 3 if args.quick else args.steps)
+                result = run_variant(variant, B, 2 if args.smoke else 3 if args.quick else args.steps,
+                                     warmup=1 if args.smoke else 3, **model)
             except Exception as exc:  # out of memory (raw, or wrapped by a compile), or a failing variant
                 result = {"status": failure_status(exc)}
-            free_cuda_memory()  # outside the except block, whose traceback held the failed step's tensors
-            goal = f">= {GOAL_SAMPLES_PER_S}/s" if B == 128 and variant != "reference" else (
-                "<= 75 GiB" if B == 256 and variant != "reference" else None)
+            free_memory()  # outside the except block, whose traceback held the failed step's tensors
+            goal = None if args.smoke or variant == "reference" else (
+                f">= {GOAL_SAMPLES_PER_S}/s" if B == 128 else "<= 75 GiB" if B == 256 else None)
             met = None
             if goal and result["status"] == "ok":
                 met = "yes" if (result["samples_per_s"] >= GOAL_SAMPLES_PER_S if B == 128
                                 else result["peak_gib"] <= 75) else "no"
-            rows.append({"case": f"vit-b16 B={B}", "impl": variant, "N": B, **result, "goal": goal, "met": met})
+            rows.append({"case": f"{model['model']} B={B}", "impl": variant, "N": B, **result, "goal": goal,
+                         "met": met})
             print(rows[-1], flush=True)
             save_results(NAME, rows, {"notes": [EAGER_UPSTREAM]})
-    steps = 3 if args.quick else args.agreement_steps
+    steps = 2 if args.smoke else 3 if args.quick else args.agreement_steps
     extra = {"notes": [EAGER_UPSTREAM]}
     if steps:
-        agreed = extra["agreement"] = agreement(steps, 32)
+        agreed = extra["agreement"] = agreement(steps, SMOKE_BATCH if args.smoke else 32, **model)
         agreed["passed"] = agreed["worst_relative_difference"] < AGREEMENT_TOLERANCE
         print(f"reference vs fused over {steps} steps: losses {agreed}")
     save_results(NAME, rows, extra)
     bar_plot(NAME, [r for r in rows if r["status"] == "ok"], label=("case", "impl"), values=("samples_per_s",),
-             title=f"COSMOS ViT-B/16 training step, {torch.cuda.get_device_name()}")
+             title=f"COSMOS {model['model']} training step, {device_name()}")
     print()
     print_table(rows, ["case", "impl", ("samples_per_s", "samples/s"), ("step_ms", "step ms"), ("forward_ms", "fwd"),
                        ("backward_ms", "bwd"), ("optimizer_ms", "optim"), ("ema_ms", "EMA"), ("peak_gib", "GiB"),

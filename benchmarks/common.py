@@ -4,8 +4,11 @@ Conventions every ``bench_*.py`` follows (``kernels.md``, "Numbers to beat"):
 - time with CUDA events after warm-up and report the median over many runs, on fresh random inputs;
 - report peak memory as ``max_memory_allocated`` above what the inputs hold, in GiB;
 - an out-of-memory run is a result (status "oom"), not a crash;
-- ``--quick`` runs few sizes and few repetitions, for smoke tests;
-- on a machine without CUDA a script prints why and exits with status 0.
+- ``--quick`` runs few sizes and few repetitions;
+- ``--smoke`` runs every code path of the script at toy sizes on ``DEVICE`` (the CPU where there is no GPU), so
+  a script is known to run before GPU time is spent on it; it measures nothing and writes its results to
+  ``benchmarks/results/smoke`` (``tests/test_benchmarks.py`` runs each script so);
+- otherwise, on a machine without CUDA a script prints why and exits with status 0.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -28,20 +32,68 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ENV_VAR = "COSMOS_FAST_RESULTS_DIR"
 GIB = 1024 ** 3
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only serves --smoke runs
+SMOKE_RESULTS = REPO_ROOT / "benchmarks" / "results" / "smoke"
 
 
 def bench_args(description: str) -> argparse.ArgumentParser:
-    """An argument parser that already has ``--quick``; scripts add their own options to it."""
+    """An argument parser that already has ``--quick`` and ``--smoke``; scripts add their own options to it."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="few sizes and few repetitions (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="few sizes and few repetitions")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every code path at toy sizes, on the CPU where there is no GPU: checks that the script "
+                             f"runs, measures nothing; results go to {SMOKE_RESULTS.relative_to(REPO_ROOT)}")
     return parser
 
 
-def require_cuda(script: str) -> None:
-    """Exit with status 0 and a message when there is no GPU: benchmarks have nothing to measure on CPU."""
-    if not torch.cuda.is_available():
-        print(f"{script}: CUDA is not available on this machine; nothing to benchmark (run it on a GPU).")
+def require_device(script: str, args: argparse.Namespace) -> None:
+    """Exit with status 0 and a message when there is no GPU and this is no ``--smoke`` run (benchmarks have
+    nothing to measure on CPU). A smoke run writes its results apart from real ones (``SMOKE_RESULTS``, unless
+    $COSMOS_FAST_RESULTS_DIR names a folder)."""
+    if args.smoke:
+        os.environ.setdefault(RESULTS_ENV_VAR, str(SMOKE_RESULTS))
+        print(f"{script}: smoke run on {DEVICE} at toy sizes; results in {results_dir()}")
+    elif DEVICE != "cuda":
+        print(f"{script}: CUDA is not available on this machine; nothing to benchmark (run it on a GPU, "
+              "or --smoke to check that it runs).")
         sys.exit(0)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+
+
+class _HostEvent:
+    """``torch.cuda.Event``'s timing interface on the host clock, for smoke runs on the CPU."""
+
+    def record(self) -> None:
+        self.seconds = time.perf_counter()
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return (end.seconds - self.seconds) * 1000
+
+
+def timing_event():
+    """A timing event on ``DEVICE``: ``record()`` it, ``synchronize()``, then ``start.elapsed_time(end)`` in ms."""
+    return torch.cuda.Event(enable_timing=True) if DEVICE == "cuda" else _HostEvent()
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> int:
+    """Start a peak-memory window; returns the bytes allocated now (the baseline of ``peak_gib``)."""
+    if DEVICE != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_gib(baseline: int = 0) -> float | None:
+    """The peak allocation since ``reset_peak_memory()`` above ``baseline``, in GiB (None on the CPU)."""
+    return (torch.cuda.max_memory_allocated() - baseline) / GIB if DEVICE == "cuda" else None
 
 
 def _is_oom(exc: BaseException | None) -> bool:
@@ -65,9 +117,10 @@ def failure_status(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {first_line}"
 
 
-def free_cuda_memory() -> None:
+def free_memory() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def measure(
@@ -80,7 +133,7 @@ def measure(
     max_seconds: float = 3.0,
     pool: int = 3,
 ) -> dict[str, Any]:
-    """Median CUDA time and peak memory of ``fn(*inputs)``.
+    """Median time (CUDA events) and peak memory of ``fn(*inputs)``.
 
     ``make_inputs()`` builds one set of fresh random inputs (a tuple); ``pool`` sets are built before timing and
     the calls rotate through them, so no run reuses the previous run's data and nothing is timed on zeros.
@@ -91,8 +144,8 @@ def measure(
     call) but never below ``min_reps``, so slow peers do not eat a short GPU session.
 
     Returns ``{"ms", "peak_gib", "reps", "status"}``: median milliseconds per call, the peak of
-    ``max_memory_allocated`` during the timed calls above what was allocated before them (the inputs), and
-    status "ok"; or ``ms``/``peak_gib`` None with status "oom" when the GPU ran out of memory, or
+    ``max_memory_allocated`` during the timed calls above what was allocated before them (the inputs; None on
+    the CPU), and status "ok"; or ``ms``/``peak_gib`` None with status "oom" when the GPU ran out of memory, or
     "error: <message>" (traceback printed) when ``fn`` raised anything else.
     """
     inputs = None
@@ -100,33 +153,32 @@ def measure(
     try:
         inputs = [tuple(make_inputs()) for _ in range(pool)]
         for i in range(max(warmup, 1)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = timing_event(), timing_event()
             start.record()
             fn(*inputs[i % pool])
             end.record()
-        torch.cuda.synchronize()
+        synchronize()
         estimate_ms = max(start.elapsed_time(end), 1e-3)
         n = max(min_reps, min(reps, int(max_seconds * 1000 / estimate_ms)))
 
         gc.collect()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        baseline = reset_peak_memory()
+        events = [(timing_event(), timing_event()) for _ in range(n)]
         for i, (start, end) in enumerate(events):
             start.record()
             fn(*inputs[i % pool])
             end.record()
-        torch.cuda.synchronize()
+        synchronize()
         ms = statistics.median([s.elapsed_time(e) for s, e in events])
-        peak_gib = (torch.cuda.max_memory_allocated() - baseline) / GIB
+        peak = peak_gib(baseline)
     except Exception as exc:  # one failing implementation must not end the whole benchmark
         status = failure_status(exc)
     # Freed outside the except block: the traceback held the frames (and tensors) of the failed call.
     inputs = None
-    free_cuda_memory()
+    free_memory()
     if status != "ok":
         return {"ms": None, "peak_gib": None, "reps": 0, "status": status}
-    return {"ms": ms, "peak_gib": peak_gib, "reps": n, "status": status}
+    return {"ms": ms, "peak_gib": peak, "reps": n, "status": status}
 
 
 def _git_commit() -> str | None:
@@ -158,10 +210,10 @@ def environment() -> dict[str, Any]:
         backends = cosmos_fast.backends()
     except Exception as exc:  # the record should still be written when the package is broken
         backends = f"unavailable: {type(exc).__name__}: {exc}"
-    cuda = torch.cuda.is_available()
+    gpu_memory_gib = round(torch.cuda.get_device_properties(0).total_memory / GIB, 1) if DEVICE == "cuda" else None
     return {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / GIB, 1) if cuda else None,
+        "device": device_name(),
+        "gpu_memory_gib": gpu_memory_gib,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "python": platform.python_version(),
@@ -195,6 +247,12 @@ def save_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any] | N
 def _label(row: dict[str, Any], series: str | Sequence[str]) -> str:
     keys = [series] if isinstance(series, str) else series
     return " ".join(str(row.get(k)) for k in keys)
+
+
+def _measured(keys: Sequence[str], rows: list[dict[str, Any]]) -> list[str]:
+    """The keys that some row has a number for (memory is not measured on the CPU, say); the first if none."""
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    return present or list(keys[:1])
 
 
 def _pyplot(name: str):
@@ -235,13 +293,14 @@ def plot(
     """Save ``<results dir>/<name>.png``: one subplot per key in ``y`` against ``x``, one line per series.
 
     ``series`` is the row key (or keys) that name a line, e.g. ``("impl", "dtype")``. Rows whose ``y`` value is
-    missing (out of memory, skipped) leave a gap. Returns the path, or None when matplotlib is not installed.
+    missing (out of memory, skipped) leave a gap; a key no row has is left out. Returns the path, or None when
+    matplotlib is not installed.
     """
     plt = _pyplot(name)
     if plt is None:
         return None
     rows = list(rows)
-    ys = [y] if isinstance(y, str) else list(y)
+    ys = _measured([y] if isinstance(y, str) else list(y), rows)
     labels = list(dict.fromkeys(_label(r, series) for r in rows))
     fig, axes = plt.subplots(1, len(ys), figsize=(6 * len(ys), 4.5), squeeze=False)
     for ax, key in zip(axes[0], ys):
@@ -285,10 +344,13 @@ def _fmt(value: Any) -> str:
 def bar_plot(name: str, rows: Iterable[dict[str, Any]], label: str | Sequence[str], values: Sequence[str], *,
              title: str | None = None) -> Path | None:
     """Save ``<results dir>/<name>.png``: horizontal bars, one subplot per key in ``values``, one bar per row
-    (named by the ``label`` keys). For benchmarks of one size, where a line plot has no axis to draw along."""
+    (named by the ``label`` keys; a key no row has is left out). For benchmarks of one size, where a line plot
+    has no axis to draw along."""
     plt = _pyplot(name)
     if plt is None:
         return None
+    rows = list(rows)
+    values = _measured(values, rows)
     rows = [r for r in rows if all(r.get(v) is not None for v in values)]
     names = [_label(r, label) for r in rows]
     fig, axes = plt.subplots(1, len(values), figsize=(6 * len(values), 0.45 * len(rows) + 1.5), squeeze=False)
@@ -330,5 +392,6 @@ def exit_status(script: str, rows: Iterable[dict[str, Any]], failed_checks: Sequ
     if errors:
         print(f"{script}: {len(errors)} implementation(s) raised errors (see the tracebacks above)")
     if failed_checks:
-        print(f"{script}: ACCURACY CHECK FAILED for cosmos_fast ({', '.join(failed_checks)}); those rows were not timed")
+        print(f"{script}: ACCURACY CHECK FAILED for cosmos_fast ({', '.join(failed_checks)}); "
+              "those rows were not timed")
     return 1 if errors or failed_checks else 0

@@ -2,11 +2,11 @@
 # The one command for a short GPU session (no registry access needed): environment, editable install,
 # the GPU tests, every benchmarks/bench_*.py, and a summary table of the results this run wrote.
 #
-# Usage: bash benchmarks/run_gpu.sh [--only NAME[,NAME...]] [--no-tests] [--quick]
+# Usage: bash benchmarks/run_gpu.sh [--only NAME[,NAME...]] [--no-tests] [--quick | --smoke]
 #   --only cross_attention,train_step   run only those benchmarks (benchmarks/bench_<NAME>.py)
 #   --no-tests                          skip the GPU tests (a second call of one session, say)
 #   --tests-only                        the GPU tests and no benchmark (a first call that must stay short)
-#   other arguments (--quick) are passed to every benchmark
+#   other arguments (--quick, --smoke) are passed to every benchmark
 #
 # With $OUT set, $OUT receives at most 8 flat files: run_gpu.log (everything printed), results.json (every
 # results record of this run, keyed by benchmark name) and the benchmark figures. A failing step does not
@@ -15,12 +15,6 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1  # keep the log in the order things happened
-RESULTS_DIR="${COSMOS_FAST_RESULTS_DIR:-benchmarks/results}"
-MAX_OUT_FILES=8
-LOG_DIR="${OUT:-$RESULTS_DIR}"
-mkdir -p "$LOG_DIR" "$RESULTS_DIR"
-MARKER="$(mktemp)"  # results files newer than this one were written by this run
-trap 'rm -f "$MARKER"' EXIT
 
 ONLY=""
 RUN_TESTS=1
@@ -34,6 +28,18 @@ while (($#)); do
         *) BENCH_ARGS+=("$1"); shift ;;
     esac
 done
+
+DEFAULT_RESULTS=benchmarks/results
+if [[ " ${BENCH_ARGS[*]} " == *" --smoke "* ]]; then
+    DEFAULT_RESULTS=benchmarks/results/smoke  # as the scripts' own --smoke default: never beside real results
+fi
+export COSMOS_FAST_RESULTS_DIR="${COSMOS_FAST_RESULTS_DIR:-$DEFAULT_RESULTS}"
+RESULTS_DIR="$COSMOS_FAST_RESULTS_DIR"
+MAX_OUT_FILES=8
+LOG_DIR="${OUT:-$RESULTS_DIR}"
+mkdir -p "$LOG_DIR" "$RESULTS_DIR"
+MARKER="$(mktemp)"  # results files newer than this one were written by this run
+trap 'rm -f "$MARKER"' EXIT
 
 benchmarks() {  # the bench_*.py files this run takes, in name order
     local bench name

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common import print_table, results_dir
 
-COLUMNS = ["bench", "case", "impl", "dtype", "N", "ms", ("peak_gib", "GiB"), "goal", "met", "status"]
+COLUMNS = ["bench", "case", "alpha", "impl", "dtype", "N", "ms", ("peak_gib", "GiB"), "goal", "met", "status"]
 
 
 def load(paths: list[Path]) -> dict[str, dict]:
@@ -26,6 +26,22 @@ def load(paths: list[Path]) -> dict[str, dict]:
             continue
         records[record.get("name", path.stem)] = record
     return records
+
+
+def check_line(check: dict) -> str:
+    """One accuracy check of a record (the scripts' check dicts differ in their keys): what, verdict, error."""
+    what = " ".join(f"{key}={check[key]}" if key in ("N", "alpha", "rows") else str(check[key])
+                    for key in ("case", "impl", "dtype", "N", "alpha", "rows") if check.get(key) is not None)
+    errors, error = check.get("errors") or {}, check.get("error")
+    if errors:
+        detail = f"largest relative error {max(errors.values()):.2e}"
+    elif isinstance(error, (int, float)):
+        detail = f"relative error {error:.2e}"
+    else:
+        detail = error or "no errors recorded"
+    if check.get("tolerance") is not None:
+        detail += f"; tolerance {check['tolerance']:g}"
+    return f"{what}: {'ok' if check.get('passed') else 'FAILED'} ({detail})"
 
 
 def main() -> int:
@@ -44,12 +60,7 @@ def main() -> int:
     print(f"{env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  commit {env.get('git_commit')}")
     for name, record in records.items():
         for check in record.get("checks", []):
-            verdict = "ok" if check.get("passed") else "FAILED"
-            errors = check.get("errors") or {}
-            detail = (f"largest relative error {max(errors.values()):.2e}" if errors
-                      else check.get("error", "no errors recorded"))
-            print(f"check {name} {check.get('case')} {check.get('dtype')} N={check.get('N')}: {verdict} "
-                  f"({detail}; tolerance {check.get('tolerance')})")
+            print(f"check {name} {check_line(check)}")
         for note in record.get("notes", []):
             print(f"note {name}: {note}")
     rows = [{"bench": name, **row} for name, record in records.items() for row in record.get("rows", [])]

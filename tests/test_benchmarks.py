@@ -1,0 +1,68 @@
+"""Every benchmark script runs end to end (``--smoke``: toy sizes, on the CPU here), so GPU time is never spent on
+a script that fails before it measures: its accuracy checks pass, every row it writes is a measured one, and its
+JSON record and figure are written where ``COSMOS_FAST_RESULTS_DIR`` says. The numbers themselves are meaningless
+here, and nothing is asserted about them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(path.stem.removeprefix("bench_") for path in BENCHMARKS.glob("bench_*.py"))
+
+
+def run_script(name: str, results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "COSMOS_FAST_RESULTS_DIR": str(results), **env}
+    environment.pop("COSMOS_FAST_BACKEND", None)
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], cwd=BENCHMARKS, env=environment,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_every_benchmark_has_a_smoke_test():
+    assert SCRIPTS == ["contrastive", "cross_attention", "ema", "fused_linear", "train_step"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_runs_end_to_end(name, tmp_path):
+    # the interpreter lets the scripts' Triton-only paths (the projected-K/V pooler, the forced Triton EMA) run
+    result = run_script(f"bench_{name}", tmp_path, "--smoke", TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["name"] == name and record["environment"]["torch"]
+    assert record["rows"], "no rows written"
+    for row in record["rows"]:
+        assert row["status"] == "ok", row
+        time_ms = row.get("ms", row.get("step_ms"))
+        assert isinstance(time_ms, float) and time_ms > 0, row
+        assert row.get("met") is None, "a smoke run judged a goal"
+    for check in record.get("checks", []):
+        assert check["passed"], check
+    if name == "train_step":
+        agreement = record["agreement"]
+        assert agreement["passed"] and len(agreement["fused"]) == len(agreement["reference"]) == 2
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000  # a figure, not an empty canvas
+
+
+def test_summary_combines_the_records(tmp_path):
+    results = tmp_path / "results"
+    assert run_script("bench_ema", results, "--smoke").returncode == 0
+    combined = tmp_path / "combined.json"
+    summary = run_script("summarize", results, "--combine", str(combined))
+    assert summary.returncode == 0, summary.stderr
+    assert "check ema smoke" not in summary.stdout  # the check line names the implementation, not a case
+    assert "check ema cosmos_fast (" in summary.stdout and " float32: ok (relative error " in summary.stdout
+    assert "one flat lerp_ (copy floor)" in summary.stdout
+    assert list(json.loads(combined.read_text())) == ["ema"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_a_real_run_says_so_and_succeeds(tmp_path):
+    result = run_script("bench_ema", tmp_path)
+    assert result.returncode == 0 and "CUDA is not available" in result.stdout
+    assert not list(tmp_path.iterdir())  # nothing written
