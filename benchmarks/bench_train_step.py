@@ -163,17 +163,41 @@ def batch_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+# what --steps, --agreement-steps and --batches are when not given, by kind of run
+DEFAULTS = {"full": dict(steps=10, agreement_steps=10, batches=BATCHES),
+            "quick": dict(steps=3, agreement_steps=3, batches=(128,)),
+            "smoke": dict(steps=2, agreement_steps=2, batches=(SMOKE_BATCH,))}
+
+
 def main() -> int:
     parser = bench_args(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
-    parser.add_argument("--agreement-steps", type=int, default=10,
-                        help="steps of reference vs fused from the same weights and batches (B=32), losses compared; "
-                             "0 skips the run")
-    parser.add_argument("--batches", type=batch_list, default=BATCHES,
-                        help="samples per GPU to time, comma-separated (a session with short calls can split them)")
+    parser.add_argument("--steps", type=count(1),
+                        help="timed steps per variant, after the warm-up ones (default 10; --quick 3, --smoke 2)")
+    parser.add_argument("--agreement-steps", type=count(0),
+                        help="steps of reference vs fused from the same weights and batches (B=32), losses compared "
+                             "(default 10; --quick 3, --smoke 2); 0 skips the run")
+    parser.add_argument("--batches", type=batch_list,
+                        help="samples per GPU to time, comma-separated (default 64,128,256; --quick 128, --smoke "
+                             f"{SMOKE_BATCH}); a session with short calls can split them")
     args = parser.parse_args()
+    for key, value in DEFAULTS["smoke" if args.smoke else "quick" if args.quick else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     require_device("bench_train_step", args)
-    batches = (SMOKE_BATCH,) if args.smoke else (128,) if args.quick else args.batches
+    batches = args.batches
     # a smoke run: the eager variants (compiling costs minutes on a CPU; tests/test_train.py covers run.compile)
     variants = [v for v in VARIANTS if not args.smoke or "run.compile=true" not in VARIANTS[v]]
     model = SMOKE_MODEL if args.smoke else VIT_B16
@@ -183,8 +207,7 @@ def main() -> int:
             if variant in LARGE_BATCH_ONLY and B < max(BATCHES) and not args.quick:  # --quick: all, at 128
                 continue
             try:
-                result = run_variant(variant, B, 2 if args.smoke else 3 if args.quick else args.steps,
-                                     warmup=1 if args.smoke else 3, **model)
+                result = run_variant(variant, B, args.steps, warmup=1 if args.smoke else 3, **model)
             except Exception as exc:  # out of memory (raw, or wrapped by a compile), or a failing variant
                 result = {"status": failure_status(exc)}
             free_memory()  # outside the except block, whose traceback held the failed step's tensors
@@ -198,7 +221,7 @@ def main() -> int:
                          "met": met})
             print(rows[-1], flush=True)
             save_results(NAME, rows, {"notes": [EAGER_UPSTREAM]})
-    steps = 2 if args.smoke else 3 if args.quick else args.agreement_steps
+    steps = args.agreement_steps
     extra = {"notes": [EAGER_UPSTREAM]}
     if steps:
         agreed = extra["agreement"] = agreement(steps, SMOKE_BATCH if args.smoke else 32, **model)

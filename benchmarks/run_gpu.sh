@@ -2,11 +2,15 @@
 # The one command for a short GPU session (no registry access needed): environment, editable install,
 # the GPU tests, every benchmarks/bench_*.py, and a summary table of the results this run wrote.
 #
-# Usage: bash benchmarks/run_gpu.sh [--only NAME[,NAME...]] [--no-tests] [--quick | --smoke]
+# Usage: bash benchmarks/run_gpu.sh [--only NAME[,NAME...]] [--tests NAME[,NAME...] | --no-tests | --tests-only]
+#                                    [--args NAME "ARGS"]... [--quick | --smoke]
 #   --only cross_attention,train_step   run only those benchmarks (benchmarks/bench_<NAME>.py)
+#   --tests cross_attention,train       run only those GPU tests (tests/test_gpu_<NAME>.py)
 #   --no-tests                          skip the GPU tests (a second call of one session, say)
 #   --tests-only                        the GPU tests and no benchmark (a first call that must stay short)
+#   --args train_step "--batches 128"   arguments for one benchmark only (after the common ones)
 #   other arguments (--quick, --smoke) are passed to every benchmark
+# The GPU tests run in 4 pytest-xdist workers where xdist is installed (the GPU image has it).
 #
 # With $OUT set, $OUT receives at most 8 flat files: run_gpu.log (everything printed), results.json (every
 # results record of this run, keyed by benchmark name) and the benchmark figures. A failing step does not
@@ -19,12 +23,17 @@ export PYTHONUNBUFFERED=1  # keep the log in the order things happened
 ONLY=""
 RUN_TESTS=1
 TESTS_ONLY=0
+TEST_NAMES=""
 BENCH_ARGS=()
+declare -A ONE_BENCH_ARGS=()
 while (($#)); do
     case "$1" in
         --only) ONLY="${2:?--only needs a comma-separated list of benchmark names}"; shift 2 ;;
+        --tests) TEST_NAMES="${2:?--tests needs a comma-separated list of GPU test names}"; shift 2 ;;
         --no-tests) RUN_TESTS=0; shift ;;
         --tests-only) TESTS_ONLY=1; shift ;;
+        --args) ONE_BENCH_ARGS["${2:?--args needs a benchmark name and its arguments}"]="${3?--args $2 needs arguments}"
+                shift 3 ;;
         *) BENCH_ARGS+=("$1"); shift ;;
     esac
 done
@@ -53,7 +62,7 @@ benchmarks() {  # the bench_*.py files this run takes, in name order
 }
 
 main() {
-    local failed=() rc bench selected=()
+    local failed=() rc bench name selected=() test_paths=() xdist=() extra=()
     ((TESTS_ONLY)) || mapfile -t selected < <(benchmarks)
     if ((RUN_TESTS == 0 && TESTS_ONLY)); then
         echo "--tests-only and --no-tests leave nothing to run" >&2
@@ -62,6 +71,23 @@ main() {
     if [[ -n "$ONLY" && ${#selected[@]} -eq 0 ]]; then
         echo "--only $ONLY matches no benchmarks/bench_<NAME>.py" >&2
         return 2
+    fi
+    for name in "${!ONE_BENCH_ARGS[@]}"; do
+        if [[ ! -f "benchmarks/bench_$name.py" ]]; then
+            echo "--args $name: there is no benchmarks/bench_$name.py" >&2
+            return 2
+        fi
+    done
+    test_paths=(tests)
+    if [[ -n "$TEST_NAMES" ]]; then
+        test_paths=()
+        for name in ${TEST_NAMES//,/ }; do
+            if [[ ! -f "tests/test_gpu_$name.py" ]]; then
+                echo "--tests $name: there is no tests/test_gpu_$name.py" >&2
+                return 2
+            fi
+            test_paths+=("tests/test_gpu_$name.py")
+        done
     fi
 
     echo "== environment"
@@ -100,7 +126,10 @@ EOF
     if ((RUN_TESTS)); then
         echo "== GPU tests"
         rc=0
-        COSMOS_FAST_GPU_TESTS=1 python -m pytest -q tests -m gpu || rc=$?
+        if python -c "import xdist" 2>/dev/null; then
+            xdist=(-n 4)  # the GPU tests are many small checks: four processes share the GPU well
+        fi
+        COSMOS_FAST_GPU_TESTS=1 python -m pytest -q "${xdist[@]}" "${test_paths[@]}" -m gpu || rc=$?
         case "$rc" in
             0) ;;
             5) echo "no tests marked gpu were collected" ;;
@@ -109,9 +138,11 @@ EOF
     fi
 
     for bench in "${selected[@]}"; do
-        echo "== $bench ${BENCH_ARGS[*]}"
+        name="${bench#benchmarks/bench_}"
+        read -r -a extra <<<"${ONE_BENCH_ARGS[${name%.py}]:-}"
+        echo "== $bench ${BENCH_ARGS[*]} ${extra[*]}"
         rc=0
-        python "$bench" "${BENCH_ARGS[@]}" || rc=$?
+        python "$bench" "${BENCH_ARGS[@]}" "${extra[@]}" || rc=$?
         if [[ "$rc" -ne 0 ]]; then
             failed+=("$bench (exit $rc)")
         fi
@@ -137,7 +168,9 @@ EOF
         # run_gpu.log and results.json are two of the files $OUT may hold.
         local room=$((MAX_OUT_FILES - 2)) figure
         for figure in "${figures[@]}"; do
-            if ((room > 0)); then
+            if [[ "$(dirname "$figure")" -ef "$OUT" ]]; then
+                continue  # the results folder is $OUT itself (COSMOS_FAST_RESULTS_DIR=$OUT)
+            elif ((room > 0)); then
                 cp "$figure" "$OUT/"
                 room=$((room - 1))
             else

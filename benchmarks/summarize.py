@@ -13,7 +13,8 @@ from pathlib import Path
 
 from common import print_table, results_dir
 
-COLUMNS = ["bench", "case", "alpha", "impl", "dtype", "N", "ms", ("peak_gib", "GiB"), "goal", "met", "status"]
+COLUMNS = ["bench", "case", "alpha", "impl", "dtype", "N", "ms", ("samples_per_s", "samples/s"), ("peak_gib", "GiB"),
+           "goal", "met", "status"]
 
 
 def load(paths: list[Path]) -> dict[str, dict]:
@@ -61,9 +62,15 @@ def main() -> int:
     for name, record in records.items():
         for check in record.get("checks", []):
             print(f"check {name} {check_line(check)}")
+        agreement = record.get("agreement")
+        if agreement:  # bench_train_step: reference vs fused losses, step by step
+            print(f"agreement {name}: {'ok' if agreement.get('passed') else 'FAILED'} (worst relative difference "
+                  f"{agreement['worst_relative_difference']:.2e} over {len(agreement['fused'])} steps)")
         for note in record.get("notes", []):
             print(f"note {name}: {note}")
-    rows = [{"bench": name, **row} for name, record in records.items() for row in record.get("rows", [])]
+    # a whole training step reports step_ms: the table's ms column
+    rows = [{"bench": name, "ms": row.get("step_ms"), **row} for name, record in records.items()
+            for row in record.get("rows", [])]
     print()
     print_table(rows, COLUMNS)
     return 0

@@ -52,13 +52,20 @@ def test_benchmark_runs_end_to_end(name, tmp_path):
 def test_summary_combines_the_records(tmp_path):
     results = tmp_path / "results"
     assert run_script("bench_ema", results, "--smoke").returncode == 0
+    step = {"case": "tiny B=4", "impl": "fused", "N": 4, "step_ms": 123.25, "samples_per_s": 32.45, "status": "ok"}
+    (results / "train_step.json").write_text(json.dumps({
+        "name": "train_step", "rows": [step],
+        "agreement": {"reference": [3.0, 2.5], "fused": [3.0, 2.5], "worst_relative_difference": 1e-7, "passed": True}}))
     combined = tmp_path / "combined.json"
     summary = run_script("summarize", results, "--combine", str(combined))
     assert summary.returncode == 0, summary.stderr
     assert "check ema smoke" not in summary.stdout  # the check line names the implementation, not a case
     assert "check ema cosmos_fast (" in summary.stdout and " float32: ok (relative error " in summary.stdout
     assert "one flat lerp_ (copy floor)" in summary.stdout
-    assert list(json.loads(combined.read_text())) == ["ema"]
+    assert "agreement train_step: ok (worst relative difference 1.00e-07 over 2 steps)" in summary.stdout
+    step_line = next(line for line in summary.stdout.splitlines() if line.startswith("train_step"))
+    assert "123" in step_line.split() and "32.5" in step_line.split()  # the step's ms and samples/s
+    assert sorted(json.loads(combined.read_text())) == ["ema", "train_step"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -66,3 +73,18 @@ def test_without_a_gpu_a_real_run_says_so_and_succeeds(tmp_path):
     result = run_script("bench_ema", tmp_path)
     assert result.returncode == 0 and "CUDA is not available" in result.stdout
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tests", "bogus"], "--tests bogus: there is no tests/test_gpu_bogus.py"),
+    (["--args", "bogus", "--quick"], "--args bogus: there is no benchmarks/bench_bogus.py"),
+    (["--only", "bogus"], "--only bogus matches no benchmarks/bench_<NAME>.py"),
+    (["--tests-only", "--no-tests"], "--tests-only and --no-tests leave nothing to run"),
+])
+def test_the_gpu_script_refuses_bad_arguments_before_it_starts(args, message, tmp_path):
+    environment = {**os.environ, "COSMOS_FAST_RESULTS_DIR": str(tmp_path)}
+    environment.pop("OUT", None)
+    result = subprocess.run(["bash", str(BENCHMARKS / "run_gpu.sh"), *args], env=environment, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stdout + result.stderr
+    assert "== environment" not in result.stdout  # nothing installed, nothing run
