@@ -55,7 +55,8 @@ def test_summary_combines_the_records(tmp_path):
     step = {"case": "tiny B=4", "impl": "fused", "N": 4, "step_ms": 123.25, "samples_per_s": 32.45, "status": "ok"}
     (results / "train_step.json").write_text(json.dumps({
         "name": "train_step", "rows": [step],
-        "agreement": {"reference": [3.0, 2.5], "fused": [3.0, 2.5], "worst_relative_difference": 1e-7, "passed": True}}))
+        "agreement": {"reference": [3.0, 2.5], "fused": [3.0, 2.5], "worst_relative_difference": 1e-7,
+                      "passed": True}}))
     combined = tmp_path / "combined.json"
     summary = run_script("summarize", results, "--combine", str(combined))
     assert summary.returncode == 0, summary.stderr
