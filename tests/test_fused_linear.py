@@ -277,3 +277,48 @@ def test_compiles_without_graph_breaks(backend):
     grads = torch.autograd.grad(loss, (h, w, b))
     for g, eager_g in zip(grads, torch.autograd.grad(eager_loss, (h, w, b))):
         torch.testing.assert_close(g, eager_g)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_module_is_cross_entropy_of_a_linear_head(backend, reduction):
+    """The module against PyTorch's own nn.CrossEntropyLoss of nn.Linear's output (float64 the reference)."""
+    N, H, V = 13, 24, 41
+    target = ce_targets(N, V, ignored_every=4)
+    module = cosmos_fast.nn.FusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction=reduction)
+    dense = torch.nn.CrossEntropyLoss(ignore_index=IGNORE, reduction=reduction)
+    assert_accurate(lambda h, w, b: module(h, w, target, bias=b),
+                    lambda h, w, b: dense(torch.nn.functional.linear(h, w, b), target),
+                    linear_leaves(N, H, V), torch.float32, names(True), fp32_tail=0)
+
+
+def test_bce_module_is_bce_of_a_linear_head_summed_over_labels(backend):
+    """The module against V x PyTorch's nn.BCEWithLogitsLoss (a mean over N x V) of nn.Linear's output."""
+    N, H, V = 11, 24, 29
+    target = torch.rand(N, V, generator=torch.Generator().manual_seed(6)) < 0.2
+    dense = torch.nn.BCEWithLogitsLoss()
+    assert_accurate(lambda h, w, b: cosmos_fast.nn.FusedLinearBCELoss()(h, w, target, bias=b),
+                    lambda h, w, b: V * dense(torch.nn.functional.linear(h, w, b), target.to(h.dtype)),
+                    linear_leaves(N, H, V), torch.float32, names(True), fp32_tail=0)
+
+
+def test_modules_pass_soft_targets_and_hold_no_state():
+    h, w = linear_leaves(9, 16, 21, with_bias=False)
+    target, soft, keywords = ce_targets(9, 21), randn(9, 21, seed=7), randn(9, 21, seed=8) > 1
+    ce = cosmos_fast.nn.FusedLinearCrossEntropyLoss(reduction="sum")
+    assert torch.equal(ce(h, w, target, soft_logits=soft, alpha=0.3),
+                       cosmos_fast.fused_linear_cross_entropy(h, w, target, soft_logits=soft, alpha=0.3, reduction="sum"))
+    bce = cosmos_fast.nn.FusedLinearBCELoss()
+    assert torch.equal(bce(h, w, keywords, soft_logits=soft, alpha=0.3),
+                       cosmos_fast.fused_linear_bce(h, w, keywords, soft_logits=soft, alpha=0.3))
+    assert not list(ce.parameters()) and not ce.state_dict() and not bce.state_dict()
+    assert repr(ce) == "FusedLinearCrossEntropyLoss(ignore_index=-100, reduction='sum')"
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(ignore_index=-1.0), TypeError, "ignore_index must be an int, got float"),
+    (dict(ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
+])
+def test_cross_entropy_module_refuses_bad_settings_when_built(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        cosmos_fast.nn.FusedLinearCrossEntropyLoss(**kwargs)

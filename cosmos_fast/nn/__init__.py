@@ -2,6 +2,8 @@
 from .attention import CrossAttentionPooler
 from .contrastive import ContrastiveLoss, CosmosLoss, CosmosLossOutput
 from .ema import EMATeacher
+from .fused_linear import FusedLinearBCELoss, FusedLinearCrossEntropyLoss
 from .queue import FeatureQueue
 
-__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "CrossAttentionPooler", "EMATeacher", "FeatureQueue"]
+__all__ = ["ContrastiveLoss", "CosmosLoss", "CosmosLossOutput", "CrossAttentionPooler", "EMATeacher", "FeatureQueue",
+           "FusedLinearBCELoss", "FusedLinearCrossEntropyLoss"]
