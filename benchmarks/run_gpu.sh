@@ -129,7 +129,9 @@ EOF
         if python -c "import xdist" 2>/dev/null; then
             xdist=(-n 4)  # the GPU tests are many small checks: four processes share the GPU well
         fi
+        SECONDS=0
         python -m pytest -q "${xdist[@]}" "${test_paths[@]}" -m gpu || rc=$?
+        echo "(GPU tests: ${SECONDS} s)"  # for planning the next call of a time-limited session
         case "$rc" in
             0) ;;
             5) echo "no tests marked gpu were collected" ;;
@@ -142,7 +144,9 @@ EOF
         read -r -a extra <<<"${ONE_BENCH_ARGS[${name%.py}]:-}"
         echo "== $bench ${BENCH_ARGS[*]} ${extra[*]}"
         rc=0
+        SECONDS=0
         python "$bench" "${BENCH_ARGS[@]}" "${extra[@]}" || rc=$?
+        echo "($bench: ${SECONDS} s)"
         if [[ "$rc" -ne 0 ]]; then
             failed+=("$bench (exit $rc)")
         fi
