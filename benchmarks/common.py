@@ -133,7 +133,7 @@ def measure(
     max_seconds: float = 3.0,
     pool: int = 3,
 ) -> dict[str, Any]:
-    """Median time (CUDA events) and peak memory of ``fn(*inputs)``.
+    """Median time (CUDA events; the host clock in a smoke run on the CPU) and peak memory of ``fn(*inputs)``.
 
     ``make_inputs()`` builds one set of fresh random inputs (a tuple); ``pool`` sets are built before timing and
     the calls rotate through them, so no run reuses the previous run's data and nothing is timed on zeros.
