@@ -21,8 +21,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from common import (DEVICE, bench_args, device_name, exit_status, free_memory, measure, plot, print_table,
-                    require_device, save_results)
+from common import (DEVICE, FEW_REPETITIONS, bench_args, device_name, exit_status, free_memory, measure, plot,
+                    print_table, require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast.nn import CosmosLoss
@@ -205,7 +205,7 @@ def main():
     args = bench_args(__doc__.splitlines()[0]).parse_args()
     require_device("bench_contrastive", args)
     torch.manual_seed(0)
-    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.quick or args.smoke else {}
+    timing = FEW_REPETITIONS if args.quick or args.smoke else {}
     sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else SIZES
     # about 75 GiB on an 80 GB H100
     dense_limit = 0.95 * torch.cuda.get_device_properties(0).total_memory if DEVICE == "cuda" else math.inf

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import DEVICE, bench_args, bar_plot, device_name, measure, print_table, require_device, save_results
+from common import (DEVICE, FEW_REPETITIONS, bar_plot, bench_args, device_name, measure, print_table,
+                    require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast import _dispatch
@@ -197,7 +198,7 @@ def main() -> int:
         # CUDA graphs: no per-launch CPU cost
         ("cosmos_fast pooler, compile reduce-overhead", torch.compile(ours_pooler, mode="reduce-overhead"))]
     compiled_mha = [] if args.smoke else [("torch.compile MHA pooler", torch.compile(mha))]
-    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.smoke else dict(reps=100)
+    timing = FEW_REPETITIONS if args.smoke else dict(reps=100)
     for case, B, Lq, Lk in SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else SHAPES:
         attention = [("cosmos_fast", ours_attention)] + [(f"sdpa {b.name.lower()}", sdpa(b)) for b in SDPA_BACKENDS]
         if xformers_run is not None:

@@ -24,8 +24,8 @@ import traceback
 
 import torch
 
-from common import (DEVICE, bar_plot, bench_args, device_name, exit_status, free_memory, measure, print_table,
-                    require_device, save_results)
+from common import (DEVICE, FEW_REPETITIONS, bar_plot, bench_args, device_name, exit_status, free_memory, measure,
+                    print_table, require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast.ops.fused_linear.reference import fused_linear_bce_reference, fused_linear_cross_entropy_reference
@@ -173,7 +173,7 @@ def main():
     args = bench_args(__doc__.splitlines()[0]).parse_args()
     require_device("bench_fused_linear", args)
     torch.manual_seed(0)
-    timing = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0) if args.quick or args.smoke else {}
+    timing = FEW_REPETITIONS if args.quick or args.smoke else {}
     if args.smoke:  # the helpers read CASES
         CASES.clear()
         CASES.update(SMOKE_CASES)

@@ -59,6 +59,10 @@ def require_device(script: str, args: argparse.Namespace) -> None:
         sys.exit(0)
 
 
+# measure()'s settings for --quick and --smoke runs: few repetitions, about a second per implementation
+FEW_REPETITIONS = dict(warmup=2, reps=5, min_reps=3, max_seconds=1.0)
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
 

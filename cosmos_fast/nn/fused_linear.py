@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops.fused_linear import fused_linear_bce, fused_linear_cross_entropy
-from ..ops.fused_linear.functional import REDUCTIONS
+from ..ops.fused_linear.functional import check_cross_entropy_settings
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):
@@ -24,10 +24,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_cross_entropy_settings(ignore_index, reduction)
         self.ignore_index = ignore_index
         self.reduction = reduction
 

@@ -25,6 +25,14 @@ def _check_linear(hidden, weight, bias, allow_no_rows=False):
             raise ValueError(f"bias must have shape [{weight.shape[0]}] (V, the rows of weight), got {tuple(bias.shape)}")
 
 
+def check_cross_entropy_settings(ignore_index, reduction) -> None:
+    """ignore_index an int (not a bool), reduction one of ``REDUCTIONS`` (shared with the module wrapper)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def _check_soft(soft_logits, alpha, hidden, weight, rows_word):
     """alpha in [0, 1]; soft_logits [rows, V] of any float dtype (teacher logits, no gradient), or None."""
     alpha = check_unit_interval("alpha", alpha)
@@ -76,10 +84,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, soft_logits
     if target.shape != (N,):
         raise ValueError(f"target must have shape [{N}] (one per row of hidden), got {tuple(target.shape)}")
     check_same_device("hidden", hidden, target=target)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_cross_entropy_settings(ignore_index, reduction)
     soft_logits, alpha = _check_soft(soft_logits, alpha, hidden, weight, "N or active rows")
     if N == 0:
         return _no_rows_loss(hidden, weight, bias, reduction)
