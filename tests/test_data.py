@@ -6,6 +6,7 @@ import torch
 
 from cosmos_fast.data import MultiCrop, ShapesDataset, collate_views, crop_text, sentence_pool
 from cosmos_fast.data import preview
+from cosmos_fast.data.augment import CLIP_STD
 
 
 def test_shapes_dataset_is_deterministic_and_splits_differ():
@@ -35,6 +36,28 @@ def test_multicrop_counts_sizes_dtypes(global_size, local_size):
     assert [tuple(c.shape) for c in crops] == [(3, global_size, global_size)] * 2 + [(3, local_size, local_size)] * 6
     assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
     assert crops[0].abs().max() > 0.5  # normalised, not left in [0, 1] or uint8
+
+
+def test_pil_and_uint8_tensor_images_get_the_same_augmentation():
+    """A PIL image is augmented with PIL's kernels, a uint8 tensor with torch's; from one seed both draw the same
+    crops, flips, jitter factors, blurs and solarisations, so they differ by rounding alone (pixel levels)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    image = ShapesDataset(size=1, image_size=64)[0]["image"]
+    multicrop = MultiCrop(64, 32)
+    max_err, mean_err = [], []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        from_pil = multicrop(image)
+        torch.manual_seed(seed)
+        from_tensor = multicrop(pil_to_tensor(image))
+        max_err += [(a - b).abs().max().item() for a, b in zip(from_pil, from_tensor)]
+        mean_err += [(a - b).abs().mean().item() for a, b in zip(from_pil, from_tensor)]
+    level = 1 / 255 / min(CLIP_STD)  # one 8-bit pixel level after normalisation
+    assert max(max_err) < 16 * level and sum(mean_err) / len(mean_err) < 2 * level
+    torch.manual_seed(99)  # other draws differ far more: the agreement above is not that of any two crops
+    other = multicrop(image)
+    assert sum((a - b).abs().mean().item() for a, b in zip(other, from_pil)) / 8 > 10 * level
 
 
 def test_sentence_pool_and_fallback():

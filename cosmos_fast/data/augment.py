@@ -40,11 +40,12 @@ class MultiCrop:
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
         ]
-        finish = _normalise()
+        # a PIL image stays one until the end: PIL's C kernels are faster than torch's on one small image (48 px:
+        # 30-45%, 224 px: 15% less time per sample on one core) and are what upstream (DINO, COSMOS) augments with
+        finish = [T.ToImage(), *_normalise()]
 
         def crop(size, scale):
-            return [T.ToImage(), T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC,
-                                                     antialias=True)]
+            return [T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)]
 
         self.global1 = T.Compose(crop(global_size, global_scale) + flip_and_color + [_blur(global_size, 1.0)]
                                  + finish)
