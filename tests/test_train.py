@@ -243,6 +243,26 @@ def test_fsdp_needs_torchrun(tmp_path):
         train.main(SMALL + ["run.fsdp=true", f"run.out_dir={tmp_path}"])
 
 
+def test_seeded_collate_touches_no_generator_but_its_own(monkeypatch):
+    """Each sample's crops come from its own seed on the CPU generator, which is restored afterwards; the device
+    generators (CUDA's: torch.manual_seed reseeds it, and fork_rng(devices=[]) would not restore it) stay as
+    they were, and the same sample gets the same crops in any batch."""
+    from cosmos_fast.data import CosmosTransform
+    from cosmos_fast.models import Tokenizer
+
+    device_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", device_seeds.append)
+    samples = [ShapesDataset("train", size=3, image_size=32)[i] for i in range(3)]
+    collate = train.Collate(CosmosTransform(Tokenizer(16), 32, 16, n_local=2, seed=0), seeded=True)
+    cpu_state = torch.get_rng_state()
+    batch = collate(samples)
+    assert device_seeds == [] and torch.equal(torch.get_rng_state(), cpu_state)
+    alone = collate(samples[2:])
+    assert torch.equal(alone["global"][:, 0], batch["global"][:, 2])
+    assert torch.equal(alone["local"][:, 0], batch["local"][:, 2])
+    assert not torch.equal(batch["global"][:, 0], batch["global"][:, 1])
+
+
 def test_curves_take_the_last_record_of_each_step(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     records = [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 9.0}, {"step": 1, "loss": 2.4},

@@ -91,8 +91,11 @@ class Collate:
     def _one(self, sample):
         if not self.seeded:
             return self.transform(sample)
+        # the CPU generator alone (torchvision draws from it): torch.manual_seed would also reseed, and not restore,
+        # the CUDA generator, and costs a stack trace per device kind on each call
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{self.transform.seed}/{self.transform.epoch}/{sample['key']}".encode()))
+            key = f"{self.transform.seed}/{self.transform.epoch}/{sample['key']}"
+            torch.default_generator.manual_seed(zlib.crc32(key.encode()))
             return self.transform(sample)
 
     def __call__(self, samples):
