@@ -48,9 +48,10 @@ TOLERANCE = 2e-2  # bf16 inputs
 DTYPE = torch.bfloat16
 
 
-def make_inputs(case, rows, alpha, dtype=DTYPE):
-    """(hidden, weight, bias, target, soft_logits or None), fresh random: logits of a few units."""
-    kind, H, V, _, active = CASES[case]
+def make_inputs(spec, rows, alpha, dtype=DTYPE):
+    """(hidden, weight, bias, target, soft_logits or None) for a case's ``spec`` (a value of CASES), fresh random:
+    logits of a few units."""
+    kind, H, V, _, active = spec
     hidden = torch.randn(rows, H, device=DEVICE).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, device=DEVICE) * (2 / H ** 0.5)).to(dtype).requires_grad_()
     bias = (0.5 * torch.randn(V, device=DEVICE)).to(dtype).requires_grad_()
@@ -106,14 +107,14 @@ def fwd_bwd(loss_fn):
     return run
 
 
-def active_rows(case, inputs):
-    kind, *_ = CASES[case]
+def active_rows(spec, inputs):
+    kind, *_ = spec
     target = inputs[3]
     return int((target != IGNORE).sum()) if kind == "ce" else target.shape[0]
 
 
-def floor_ms(case, n_active):
-    _, H, V, _, _ = CASES[case]
+def floor_ms(spec, n_active):
+    _, H, V, _, _ = spec
     return 3 * 2 * n_active * H * V / (MATMUL_TFLOPS * 1e12) * 1e3
 
 
@@ -131,16 +132,16 @@ def errors_against(loss_fn, inputs, ref_loss, ref_grads):
     return errors
 
 
-def check(case, alpha):
+def check(case, spec, alpha):
     """cosmos_fast (and, for context, the dense loss in bf16) against the float64 dense reference.
 
     A check that raises is recorded as failed, with the error, so that every check gets reported."""
-    kind = CASES[case][0]
-    rows = min(CHECK_ROWS, CASES[case][3])
+    kind = spec[0]
+    rows = min(CHECK_ROWS, spec[3])
     result = {"case": case, "alpha": alpha, "rows": rows, "tolerance": TOLERANCE, "passed": False, "errors": {},
               "naive_errors": {}}
     try:
-        inputs = make_inputs(case, rows, alpha)
+        inputs = make_inputs(spec, rows, alpha)
         inputs64 = [x.detach().double().requires_grad_() for x in inputs[:3]] + [inputs[3], inputs[4]]
         ref_loss = naive(kind, alpha)(*inputs64)
         ref_grads = torch.autograd.grad(ref_loss, inputs64[:3])
@@ -156,9 +157,9 @@ def check(case, alpha):
 
 def run_checks(cases):
     checks = []
-    for case in cases:
+    for case, spec in cases.items():
         for alpha in ALPHAS:
-            c = check(case, alpha)
+            c = check(case, spec, alpha)
             free_memory()
             checks.append(c)
             errors = ", ".join(f"{k} {v:.2e}" for k, v in c["errors"].items()) or c.get("error")
@@ -174,10 +175,7 @@ def main():
     require_device("bench_fused_linear", args)
     torch.manual_seed(0)
     timing = FEW_REPETITIONS if args.quick or args.smoke else {}
-    if args.smoke:  # the helpers read CASES
-        CASES.clear()
-        CASES.update(SMOKE_CASES)
-    cases = tuple(CASES) if not args.quick else QUICK_CASES
+    cases = SMOKE_CASES if args.smoke else {k: CASES[k] for k in QUICK_CASES} if args.quick else CASES
 
     liger, note = liger_loss()
     notes = [note] if note else []
@@ -186,21 +184,21 @@ def main():
     checks = run_checks(cases)
     failed_checks = {(c["case"], c["alpha"]) for c in checks if not c["passed"]}
     meta = {"dtype": "bf16", "quick": args.quick, "cases": {k: dict(zip(("loss", "H", "V", "rows", "active"), v))
-                                                             for k, v in CASES.items()},
+                                                             for k, v in cases.items()},
             "checks": checks, "notes": notes}
 
     rows = []
-    for case in cases:
-        kind, H, V, n_rows, _ = CASES[case]
+    for case, spec in cases.items():
+        kind, H, V, n_rows, _ = spec
         for alpha in ALPHAS:
-            n_active = active_rows(case, make_inputs(case, n_rows, 0.0))
+            n_active = active_rows(spec, make_inputs(spec, n_rows, 0.0))
             for impl, loss_fn in implementations(kind, alpha, liger, args.smoke):
                 row = {"case": case, "alpha": alpha, "impl": impl, "dtype": "bf16", "H": H, "V": V, "rows": n_rows,
-                       "active_rows": n_active, "floor_ms": floor_ms(case, n_active)}
+                       "active_rows": n_active, "floor_ms": floor_ms(spec, n_active)}
                 if impl == "cosmos_fast" and (case, alpha) in failed_checks:
                     row.update(ms=None, peak_gib=None, reps=0, status="skipped (check failed)")
                 else:
-                    row.update(measure(fwd_bwd(loss_fn), lambda: make_inputs(case, n_rows, alpha), **timing))
+                    row.update(measure(fwd_bwd(loss_fn), lambda: make_inputs(spec, n_rows, alpha), **timing))
                 rows.append(row)
                 ms = "-" if row["ms"] is None else f"{row['ms']:.3f} ms"
                 gib = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.3f} GiB"
