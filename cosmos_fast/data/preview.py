@@ -37,7 +37,8 @@ def render(sample: dict, crops: list[torch.Tensor], captions: list[str], path: s
     for ax in axes.flat:
         ax.axis("off")
     axes[1, 4].set_visible(False)
-    fig.suptitle(f"{sample['key']}: 2 global + 6 local crops with their 8 captions", fontsize=11)
+    # above the tallest caption (a global crop may have five sentences); bbox_inches="tight" keeps it in
+    fig.suptitle(f"{sample['key']}: 2 global + 6 local crops with their 8 captions", fontsize=11, y=1.03)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
