@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 def world(group=None) -> tuple[int, int]:
     """(rank, world_size) in ``group``; (0, 1) when not distributed."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)

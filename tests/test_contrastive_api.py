@@ -62,6 +62,9 @@ def cosmos_loss(**features):
     (lambda: cosmos_fast.multiview_contrastive_loss(feats(2, 8, 16), feats(3, 7, 16), 1.0),
      ValueError, "number of rows N"),
     (lambda: cosmos_fast.nn.ContrastiveLoss(use_horovod=True), ValueError, "use_horovod"),
+    (lambda: cosmos_fast.contrastive_loss(A, B, 1.0, group=0), TypeError, "group must be a torch.distributed"),
+    (lambda: cosmos_fast.multiview_contrastive_loss(A[None], B[None], 1.0, group="world"), TypeError,
+     "group must be a torch.distributed ProcessGroup or None, got str"),
     (lambda: cosmos_loss(cross_image_features=VIEWS8.long()), TypeError, "cross_image_features must be a floating"),
     (lambda: cosmos_loss(teacher_text_features=VIEWS2.bool()), TypeError, "teacher_text_features must be a floating"),
     (lambda: cosmos_loss(cross_text_features=VIEWS8.double()), TypeError,
@@ -74,6 +77,8 @@ def cosmos_loss(**features):
     (lambda: cosmos_loss(cross_image_features=VIEWS8[..., :12]), ValueError, "cross_image_features must have shape"),
     (lambda: cosmos_loss(cross_image_features=[VIEWS8]), TypeError, "cross_image_features must be a torch.Tensor"),
     (lambda: cosmos_loss(image_features=VIEWS2[0]), ValueError, "image_features must have 3 dimensions"),
+    (lambda: cosmos_fast.nn.CosmosLoss(group=3)(VIEWS2, VIEWS8, VIEWS8, VIEWS8, VIEWS2, VIEWS2, 1.0, 1.0), TypeError,
+     "group must be a torch.distributed ProcessGroup or None, got int"),
 ])
 def test_bad_input_names_the_argument(call, error, words):
     with pytest.raises(error, match=None) as info:
