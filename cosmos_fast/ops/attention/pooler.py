@@ -84,10 +84,18 @@ def _epilogue_backward(grad, y, norm, empty, query_dtype, residual, normalize, d
     return grad.reshape(B * Lq, d).to(dt), grad_query
 
 
+def _ln_dtype(x, ln_weight) -> torch.dtype:
+    """The dtype a LayerNorm of x runs in: the wider of x's and its weight's. CUDA's LayerNorm kernels take input
+    and affine parameters of one dtype, so 16-bit activations (a bf16 tower's output under autocast) are widened
+    (exactly) to fp32 parameters, as autocast's fp32 rule for ``layer_norm`` does in the module's composition."""
+    return torch.promote_types(x.dtype, ln_weight.dtype)
+
+
 def _layer_norms(query, context, ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias, eps_q, eps_k, dt):
-    """LayerNorm of both inputs in their own dtype, cast to the compute dtype: (x_q [B * Lq, d], x_kv [B, Lk, kdim],
+    """LayerNorm of both inputs in ``_ln_dtype``, cast to the compute dtype: (x_q [B * Lq, d], x_kv [B, Lk, kdim],
     stats), where stats = (mean_q, rstd_q, mean_k, rstd_k) are what ``_layer_norm_backward`` needs."""
     d, kdim = query.shape[-1], context.shape[-1]
+    query, context = query.to(_ln_dtype(query, ln_q_weight)), context.to(_ln_dtype(context, ln_k_weight))
     ln_q, mean_q, rstd_q = torch.native_layer_norm(query, (d,), ln_q_weight, ln_q_bias, eps_q)
     ln_k, mean_k, rstd_k = torch.native_layer_norm(context, (kdim,), ln_k_weight, ln_k_bias, eps_k)
     return ln_q.to(dt).reshape(-1, d), ln_k.to(dt), (mean_q, rstd_q, mean_k, rstd_k)
@@ -102,17 +110,19 @@ def _prologue(query, context, ln_params, w_in, w_q, w_k, w_v, b_in, w_o, b_o, ep
 
 def _layer_norm_backward(needs, grad_ln_q, grad_ln_k, grad_query, query, context, ln_params, stats):
     """(d query, d context, d ln_q.weight, d ln_q.bias, d ln_k.weight, d ln_k.bias) through both LayerNorms;
-    ``needs`` is ctx.needs_input_grad."""
+    ``needs`` is ctx.needs_input_grad, grad_ln_q and grad_ln_k come in ``_ln_dtype``."""
     ln_q_weight, ln_q_bias, ln_k_weight, ln_k_bias = ln_params
     mean_q, rstd_q, mean_k, rstd_k = stats
     g_query, g_ln_q_w, g_ln_q_b = torch.ops.aten.native_layer_norm_backward(
-        grad_ln_q, query, query.shape[-1:], mean_q, rstd_q, ln_q_weight, ln_q_bias, [needs[0], needs[3], needs[4]])
+        grad_ln_q, query.to(grad_ln_q.dtype), query.shape[-1:], mean_q, rstd_q, ln_q_weight, ln_q_bias,
+        [needs[0], needs[3], needs[4]])
     g_context, g_ln_k_w, g_ln_k_b = torch.ops.aten.native_layer_norm_backward(
-        grad_ln_k, context, context.shape[-1:], mean_k, rstd_k, ln_k_weight, ln_k_bias,
+        grad_ln_k, context.to(grad_ln_k.dtype), context.shape[-1:], mean_k, rstd_k, ln_k_weight, ln_k_bias,
         [needs[1], needs[5], needs[6]])
     if grad_query is not None and g_query is not None:
         g_query = g_query + grad_query
-    return g_query, g_context, g_ln_q_w, g_ln_q_b, g_ln_k_w, g_ln_k_b
+    return (None if g_query is None else g_query.to(query.dtype),
+            None if g_context is None else g_context.to(context.dtype), g_ln_q_w, g_ln_q_b, g_ln_k_w, g_ln_k_b)
 
 
 def _parameter_grads(packed, d, grad_w_q, grad_w_kv, grad_b_in, b_in_dtype):
@@ -168,7 +178,7 @@ class _ProjectedKVPooler(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        query, context = ctx.saved_tensors[:2]
+        query, context, ln_q_weight, _, ln_k_weight = ctx.saved_tensors[:5]
         mask, empty, x_q, x_kv, q, kv, attn, lse, w_q_dt, w_kv_dt, w_o_dt, y, norm = ctx.saved_tensors[10:]
         n_heads, residual, normalize, packed, w_dtype, b_in_dtype, w_o_dtype, b_o_dtype = ctx.config
         B, Lq, d = query.shape
@@ -184,8 +194,8 @@ class _ProjectedKVPooler(torch.autograd.Function):
         grad_b_in = torch.empty(3 * d, dtype=torch.float32, device=query.device)
         torch.sum(grad_q, 0, dtype=torch.float32, out=grad_b_in[:d])
         torch.sum(grad_kv, 0, dtype=torch.float32, out=grad_b_in[d:])
-        grad_ln_q = _mm(grad_q, w_q_dt, query.dtype).view(B, Lq, d)
-        grad_ln_k = _mm(grad_kv, w_kv_dt, context.dtype).view(B, Lk, kdim)
+        grad_ln_q = _mm(grad_q, w_q_dt, _ln_dtype(query, ln_q_weight)).view(B, Lq, d)
+        grad_ln_k = _mm(grad_kv, w_kv_dt, _ln_dtype(context, ln_k_weight)).view(B, Lk, kdim)
         params = _parameter_grads(packed, d, _mm(grad_q.t(), x_q, w_dtype), _mm(grad_kv.t(), x_kv, w_dtype),
                                   grad_b_in, b_in_dtype)
         return _backward_grads(ctx, params, grad_ln_q, grad_ln_k, grad_query, grad_w_o, grad_b_o)
@@ -240,7 +250,7 @@ class _ContextSpacePooler(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        query, context = ctx.saved_tensors[:2]
+        query, context, ln_q_weight, _, ln_k_weight = ctx.saved_tensors[:5]
         (empty, x_q, x_kv, q, q_ctx, probs, probs_dt, x_mean, attn, w_q_dt, w_kv_dt, w_o_dt, y,
          norm) = ctx.saved_tensors[10:]
         H, residual, normalize, packed, w_dtype, b_in_dtype, w_o_dtype, b_o_dtype = ctx.config
@@ -263,7 +273,7 @@ class _ContextSpacePooler(torch.autograd.Function):
         g_q_ctx = _samples_to_heads(torch.bmm(g_scores, x_kv), B, H, Lq)  # [H, B * Lq, kdim]
         # d x_kv = g_scores^T q_ctx + probs^T g_mean: one GEMM over the stacked H * Lq rows of both terms
         grad_ln_k = _mm(torch.cat([g_scores, probs_dt], 1).transpose(1, 2), torch.cat([q_ctx, g_mean], 1),
-                        context.dtype)
+                        _ln_dtype(context, ln_k_weight))
         q_heads = q.view(B * Lq, H, head_dim).transpose(0, 1)
         grad_w_k = _mm(q_heads.transpose(1, 2), g_q_ctx, w_dtype).view(d, kdim)
         # the gradient of the unscaled queries, in the per-row layout of the Q projection
@@ -272,7 +282,7 @@ class _ContextSpacePooler(torch.autograd.Function):
         torch.sum(g_q, 0, dtype=acc, out=grad_b_in[:d])
         grad_b_in[d:2 * d].zero_()  # the key bias changes no output: its gradient is exactly zero
         torch.sum(g_attn, 0, dtype=acc, out=grad_b_in[2 * d:])
-        grad_ln_q = _mm(g_q, w_q_dt, query.dtype).view(B, Lq, d)
+        grad_ln_q = _mm(g_q, w_q_dt, _ln_dtype(query, ln_q_weight)).view(B, Lq, d)
         params = _parameter_grads(packed, d, _mm(g_q.t(), x_q, w_dtype), torch.cat([grad_w_k, grad_w_v]), grad_b_in,
                                   b_in_dtype)
         return _backward_grads(ctx, params, grad_ln_q, grad_ln_k, grad_query, grad_w_o, grad_b_o)
