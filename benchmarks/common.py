@@ -357,9 +357,13 @@ def bar_plot(name: str, rows: Iterable[dict[str, Any]], label: str | Sequence[st
     values = _measured(values, rows)
     rows = [r for r in rows if all(r.get(v) is not None for v in values)]
     names = [_label(r, label) for r in rows]
-    fig, axes = plt.subplots(1, len(values), figsize=(6 * len(values), 0.45 * len(rows) + 1.5), squeeze=False)
+    label_inches = 0.075 * max(map(len, names), default=0)  # room for the bar names left of the first subplot
+    fig, axes = plt.subplots(1, len(values), figsize=(label_inches + 5 * len(values), 0.45 * len(rows) + 1.5),
+                             squeeze=False)
     for ax, key in zip(axes[0], values):
-        ax.barh(names, [r[key] for r in rows])
+        bars = ax.barh(names, [r[key] for r in rows])
+        ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
+        ax.margins(x=0.15)  # room for the value labels
         ax.invert_yaxis()
         ax.set_xlabel(key)
         ax.grid(True, axis="x", alpha=0.3)
