@@ -5,12 +5,12 @@ in 8 heads of 64, at B = 256 and 1024; SIMLA, 25 text queries over 257 image tok
 which cosmos_fast hands to SDPA). Two levels:
 - "attention": the op alone on [B, L, H, Dh] bf16 tensors with a key padding mask: ours, SDPA with each of its
   backends (flash, efficient, cuDNN, math; a backend that refuses the inputs is reported as such), xformers'
-  memory-efficient attention where installed;
+  memory-efficient attention where installed and usable (a wheel built for another torch has no CUDA kernels);
 - "pooler": LayerNorms, projections, attention, out-projection, residual and L2 norm under bf16 autocast:
   ``cosmos_fast.nn.CrossAttentionPooler`` eager (one autograd node in the form its rule picks), each single-node
   form forced (context space: K and V never formed; projected K/V: the Triton attention kernel), the module under
   ``torch.compile`` and under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: what is left once no launch
-  costs CPU time), the eager ``nn.MultiheadAttention`` pooler of upstream COSMOS, and ``torch.compile`` of it.
+  costs CPU time), the same two compiles with the projected-K/V form forced, the eager ``nn.MultiheadAttention`` pooler of upstream COSMOS, and ``torch.compile`` of it.
 Ours (the attention op and both pooler forms) is checked against the float64 reference on the GPU first.
 Results: ``benchmarks/results/cross_attention``.
 
@@ -90,23 +90,36 @@ def sdpa(backend):
     return run
 
 
+def xformers_bias(mask: torch.Tensor, Lq: int, dtype: torch.dtype) -> torch.Tensor:
+    """The key padding mask [B, Lk] as xformers' additive bias [B, H, Lq, Lk] (-inf where masked), a view into
+    rows padded to a multiple of 8 elements: its CUTLASS kernel needs the bias rows 8-aligned."""
+    B, Lk = mask.shape
+    padded = torch.zeros(B, HEADS, Lq, -(-Lk // 8) * 8, device=mask.device, dtype=dtype)
+    bias = padded[..., :Lk]
+    bias.masked_fill_(mask[:, None, None, :], float("-inf"))
+    return bias
+
+
 def xformers_attention():
-    """xformers' memory-efficient attention as a peer, or None where it is not installed or does not import
-    (a wheel built for another torch may fail to load its extension), or there is no GPU."""
+    """(xformers' memory-efficient attention as a peer, None) where it runs here, else (None, why): it is not
+    installed, does not import, or has no kernel for these inputs (a wheel built for another torch loads
+    without its CUDA kernels), or there is no GPU."""
     if DEVICE != "cuda":
-        return None
+        return None, "no GPU"
     try:
         import xformers.ops as xops
     except Exception as exc:  # any failure to import means: no xformers peer in this run
-        print(f"xformers unavailable: {type(exc).__name__}: {exc}")
-        return None
+        return None, f"does not import: {type(exc).__name__}: {exc}"
 
     def run(q, k, v, mask, grad):
-        bias = torch.zeros(mask.shape[0], HEADS, q.shape[1], mask.shape[1], device=DEVICE, dtype=q.dtype)
-        bias.masked_fill_(mask[:, None, None, :], float("-inf"))
-        out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+        out = xops.memory_efficient_attention(q, k, v, attn_bias=xformers_bias(mask, q.shape[1], q.dtype))
         return torch.autograd.grad(out, (q, k, v), grad)
-    return run
+
+    try:  # one tiny call: a peer that cannot run is one note, not an error row per shape
+        run(*attention_inputs(2, 8, 77)())
+    except Exception as exc:
+        return None, f"cannot run: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return run, None
 
 
 def pooler_inputs(B, Lq, Lk):
@@ -117,8 +130,9 @@ def pooler_inputs(B, Lq, Lk):
     return make
 
 
-def pooler_step(module, form=None):
-    """fwd+bwd of ``module`` under bf16 autocast; with ``form``, that single-node form of our pooler forced."""
+def pooler_step(module, form=None, compile_mode=None):
+    """fwd+bwd of ``module`` under bf16 autocast; with ``form``, that single-node form of our pooler forced; with
+    ``compile_mode``, the forward under ``torch.compile(mode=compile_mode)``."""
     params = list(module.parameters())
 
     def forward(query, context, mask):
@@ -126,6 +140,9 @@ def pooler_step(module, form=None):
             return module(query, context, mask)
         return pooler_ops.fused_pooler(query, context, mask, module.ln_q, module.ln_k, module.attn, residual=True,
                                        normalize=True, form=form)
+
+    if compile_mode is not None:
+        forward = torch.compile(forward, mode=compile_mode)
 
     def run(query, context, mask, grad):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -185,9 +202,10 @@ def main() -> int:
     for result in checks:
         print(f"check: {result}")
     notes = []
-    xformers_run = xformers_attention()
+    xformers_run, xformers_missing = xformers_attention()
     if xformers_run is None:
-        notes.append("xformers not installed or not importable: skipped")
+        notes.append(f"xformers skipped: {xformers_missing}")
+        print(f"xformers skipped: {xformers_missing}")
     rows = []
     mha = MultiheadAttentionPooler().to(DEVICE)
     ours_pooler = cosmos_fast.nn.CrossAttentionPooler(D_MODEL, HEADS).to(DEVICE)
@@ -209,6 +227,10 @@ def main() -> int:
         poolers = [("cosmos_fast pooler", pooler_step(ours_pooler))]
         poolers += [(f"cosmos_fast pooler, {form} form", pooler_step(ours_pooler, form)) for form in shape_forms]
         poolers += [(name, pooler_step(module)) for name, module in compiled_ours]
+        if not args.smoke and "projected_kv" in shape_forms:  # is the eager winner also the compiled one?
+            poolers += [(f"torch.compile cosmos_fast pooler, projected_kv form{suffix}",
+                         pooler_step(ours_pooler, "projected_kv", mode))
+                        for suffix, mode in (("", "default"), (", reduce-overhead", "reduce-overhead"))]
         poolers += [("eager MHA pooler", pooler_step(mha))]
         poolers += [(name, pooler_step(module)) for name, module in compiled_mha]
         for level, impls, make in (("attention", attention, attention_inputs(B, Lq, Lk)),

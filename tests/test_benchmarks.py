@@ -89,3 +89,16 @@ def test_the_gpu_script_refuses_bad_arguments_before_it_starts(args, message, tm
                             text=True, timeout=60)
     assert result.returncode == 2 and message in result.stdout + result.stderr
     assert "== environment" not in result.stdout  # nothing installed, nothing run
+
+
+def test_xformers_bias_is_the_mask_in_8_aligned_rows(monkeypatch):
+    """xformers' CUTLASS kernel refuses a bias whose rows are not 8-aligned (Lk = 77 was refused on the H200):
+    the peer's bias is -inf exactly where the mask is set, 0 elsewhere, in rows padded to 8 elements."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = __import__("bench_cross_attention")
+    mask = torch.rand(3, 77) < 0.3
+    bias = bench.xformers_bias(mask, 8, torch.bfloat16)
+    assert bias.shape == (3, bench.HEADS, 8, 77) and bias.dtype == torch.bfloat16
+    assert bias.stride(-2) % 8 == 0 and bias.stride(-2) >= 77
+    expected = torch.zeros(3, 1, 1, 77).masked_fill(mask[:, None, None, :], float("-inf")).expand_as(bias)
+    assert torch.equal(bias.float(), expected)

@@ -28,7 +28,9 @@ def test_matches_float64(Lq, Lk, Dh, dtype):
                     ["q", "k", "v"], fp32_tail=0)
 
 
-def test_pooler_compiles_fullgraph_inductor():
+@pytest.mark.parametrize("form", ["context_space", "projected_kv"])
+def test_pooler_compiles_fullgraph_inductor(form, monkeypatch):
+    monkeypatch.setattr(pooler_ops, "pooler_form", lambda query, n_heads: form)
     pooler = cosmos_fast.nn.CrossAttentionPooler(512, 8).cuda()
     query = torch.randn(16, 8, 512, device="cuda", requires_grad=True)
     context = torch.randn(16, 77, 512, device="cuda")
