@@ -13,17 +13,21 @@ bf16 autocast, exactly as ``train/train.py`` runs them (its ``losses`` and ``upd
 - ``fused+compile+ckpt`` (256 per GPU only, the memory goal): also ``run.grad_checkpointing=true``.
 For 64/128/256 samples per GPU: samples/s, median ms of each stage (forward incl. teacher and loss, backward,
 optimizer, EMA; CUDA events) and peak GiB. Then a short run whose reference and fused losses must agree step by
-step (same initial weights, same random batches). Results: ``benchmarks/results/train_step`` (JSON, PNG).
+step (same initial weights, same random batches). ``--profile VARIANT`` also runs that variant's steps under
+``torch.profiler``: how much of a step the GPU spends in kernels, and in which. Results:
+``benchmarks/results/train_step`` (JSON, PNG).
 
 Usage: python benchmarks/bench_train_step.py [--quick] [--smoke] [--steps N] [--batches 64,128,256]
-       [--agreement-steps N]
+       [--agreement-steps N] [--profile VARIANT]
 (``--smoke``: the tiny model at 4 samples, eager variants only, 2 steps each: checks that the script runs.)
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -111,8 +115,9 @@ def agreement(steps: int, B: int, device: str = DEVICE, **model) -> dict:
     return {**losses, "worst_relative_difference": worst}
 
 
-def run_variant(variant: str, B: int, steps: int, warmup: int = 3, **model) -> dict:
-    """Time ``steps`` training steps after ``warmup`` ones; ``model`` as ``step_config``'s (ViT-B/16 by default)."""
+def run_variant(variant: str, B: int, steps: int, warmup: int = 3, profile_steps: int = 0, **model) -> dict:
+    """Time ``steps`` training steps after ``warmup`` ones; ``model`` as ``step_config``'s (ViT-B/16 by default).
+    With ``profile_steps``, that many more steps run under ``torch.profiler`` (``kernel_profile``)."""
     cfg = step_config(B, VARIANTS[variant], **(model or VIT_B16))
     torch.manual_seed(0)
     net = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size, context_length=77)).to(DEVICE)
@@ -123,24 +128,31 @@ def run_variant(variant: str, B: int, steps: int, warmup: int = 3, **model) -> d
                                   fused=DEVICE == "cuda")
     vocab = net.text.token_embedding.num_embeddings
     batches = [random_batch(B, cfg, vocab) for _ in range(2)]
+
+    def one_step(step, marks=None):
+        """One training step; ``marks`` (len(STAGES) + 1 events) are recorded around its stages."""
+        record = (lambda i: marks[i].record()) if marks else (lambda i: None)
+        global_crops, local_crops, captions = batches[step % len(batches)]
+        record(0)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):  # fp32 on CPU, as train.py
+            loss, _ = trainer.losses(net, teacher, loss_fn, global_crops, local_crops, captions, step, step, cfg)
+        record(1)
+        loss.backward()
+        record(2)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        net.clamp_logit_scales_()
+        record(3)
+        trainer.update_teacher(teacher, net, step, cfg)
+        record(4)
+        return loss
+
     events = {stage: [] for stage in STAGES}
     totals = []
     reset_peak_memory()
     for step in range(warmup + steps):
-        global_crops, local_crops, captions = batches[step % len(batches)]
         marks = [timing_event() for _ in range(len(STAGES) + 1)]
-        marks[0].record()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):  # fp32 on CPU, as train.py
-            loss, _ = trainer.losses(net, teacher, loss_fn, global_crops, local_crops, captions, step, step, cfg)
-        marks[1].record()
-        loss.backward()
-        marks[2].record()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        net.clamp_logit_scales_()
-        marks[3].record()
-        trainer.update_teacher(teacher, net, step, cfg)
-        marks[4].record()
+        loss = one_step(step, marks)
         if step >= warmup:
             for i, stage in enumerate(STAGES):
                 events[stage].append((marks[i], marks[i + 1]))
@@ -148,8 +160,59 @@ def run_variant(variant: str, B: int, steps: int, warmup: int = 3, **model) -> d
     synchronize()
     stage_ms = {stage: statistics.median(s.elapsed_time(e) for s, e in pairs) for stage, pairs in events.items()}
     step_ms = statistics.median(s.elapsed_time(e) for s, e in totals)
-    return {"step_ms": step_ms, "samples_per_s": B / step_ms * 1000, **{f"{s}_ms": v for s, v in stage_ms.items()},
-            "peak_gib": peak_gib(), "loss": loss.item(), "status": "ok"}
+    result = {"step_ms": step_ms, "samples_per_s": B / step_ms * 1000, **{f"{s}_ms": v for s, v in stage_ms.items()},
+              "peak_gib": peak_gib(), "loss": loss.item(), "status": "ok"}
+    if profile_steps:
+        result["profile"] = kernel_profile(one_step, warmup + steps, profile_steps)
+    return result
+
+
+# kernel (or CPU operator) families by name, first match wins: attention (before GEMMs: xformers' and SDPA's
+# CUTLASS kernels are fmha_cutlass*), cuBLAS/CUTLASS GEMMs, inductor's Triton kernels
+KERNEL_FAMILIES = (("attention", re.compile(r"flash|fmha|attention|attn")),
+                   ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|matmul|\b(?:addmm|baddbmm|bmm|mm|linear)\b")),
+                   ("triton", re.compile(r"triton")))
+
+
+def kernel_family(name: str) -> str:
+    lower = name.lower()
+    return next((family for family, pattern in KERNEL_FAMILIES if pattern.search(lower)), "other")
+
+
+def kernel_profile(one_step, first_step: int, steps: int, top: int = 15) -> dict:
+    """Run ``steps`` more steps under ``torch.profiler``: per step, the wall time, the time the device spent in
+    kernels (busy fraction: what is left is idle GPU, the host's launches or synchronisations), that time by
+    kernel family, and the ``top`` kernels by time. Without a GPU: CPU operators instead of kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = DEVICE == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for step in range(first_step, first_step + steps):
+            one_step(step)
+        synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000 / steps
+    kernels = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    kernels.sort(key=self_us, reverse=True)
+    busy_ms = sum(self_us(e) for e in kernels) / 1000 / steps
+    families: dict[str, float] = {}
+    for e in kernels:
+        family = kernel_family(e.key)
+        families[family] = families.get(family, 0.0) + self_us(e) / 1000 / steps
+    return {"steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms,
+            "kind": "CUDA kernels" if cuda else "CPU operators",
+            "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": e.key[:120], "family": kernel_family(e.key), "calls": e.count / steps,
+                     "ms": self_us(e) / 1000 / steps} for e in kernels[:top]]}
+
+
+def print_profile(variant: str, B: int, profile: dict) -> None:
+    print(f"\nprofile of {variant} at B={B}, per step over {profile['steps']} steps: {profile['wall_ms']:.1f} ms "
+          f"wall, {profile['busy_ms']:.1f} ms in {profile['kind']} ({100 * profile['busy_fraction']:.0f}% busy)")
+    print("by family: " + ", ".join(f"{k} {v:.1f} ms" for k, v in profile["families_ms"].items()))
+    print_table(profile["top"], [("ms", "ms/step"), ("calls", "calls/step"), "family", "name"])
 
 
 def batch_list(text: str) -> tuple[int, ...]:
@@ -189,6 +252,10 @@ def main() -> int:
     parser.add_argument("--agreement-steps", type=count(0),
                         help="steps of reference vs fused from the same weights and batches (B=32), losses compared "
                              "(default 10; --quick 3, --smoke 2); 0 skips the run")
+    parser.add_argument("--profile", choices=sorted(VARIANTS), metavar="VARIANT",
+                        help="also profile this variant (one of %(choices)s) over 3 steps at each batch size: "
+                             "device busy fraction, time by kernel family, the top kernels (JSON: the row's "
+                             "'profile')")
     parser.add_argument("--batches", type=batch_list,
                         help="samples per GPU to time, comma-separated (default 64,128,256; --quick 128, --smoke "
                              f"{SMOKE_BATCH}); a session with short calls can split them")
@@ -207,7 +274,8 @@ def main() -> int:
             if variant in LARGE_BATCH_ONLY and B < max(BATCHES) and not args.quick:  # --quick: all, at 128
                 continue
             try:
-                result = run_variant(variant, B, args.steps, warmup=1 if args.smoke else 3, **model)
+                result = run_variant(variant, B, args.steps, warmup=1 if args.smoke else 3,
+                                     profile_steps=3 if variant == args.profile else 0, **model)
             except Exception as exc:  # out of memory (raw, or wrapped by a compile), or a failing variant
                 result = {"status": failure_status(exc)}
             free_memory()  # outside the except block, whose traceback held the failed step's tensors
@@ -219,7 +287,9 @@ def main() -> int:
                                 else result["peak_gib"] <= 75) else "no"
             rows.append({"case": f"{model['model']} B={B}", "impl": variant, "N": B, **result, "goal": goal,
                          "met": met})
-            print(rows[-1], flush=True)
+            print({k: v for k, v in rows[-1].items() if k != "profile"}, flush=True)
+            if "profile" in result:
+                print_profile(variant, B, result["profile"])
             save_results(NAME, rows, {"notes": [EAGER_UPSTREAM]})
     steps = args.agreement_steps
     extra = {"notes": [EAGER_UPSTREAM]}

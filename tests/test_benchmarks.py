@@ -28,10 +28,14 @@ def test_every_benchmark_has_a_smoke_test():
     assert SCRIPTS == ["contrastive", "cross_attention", "ema", "fused_linear", "train_step"]
 
 
+# options beyond --smoke that a script's smoke run also takes, so that their code paths run here too
+SMOKE_OPTIONS = {"train_step": ["--profile", "fused"]}
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_runs_end_to_end(name, tmp_path):
     # the interpreter lets the scripts' Triton-only paths (the projected-K/V pooler, the forced Triton EMA) run
-    result = run_script(f"bench_{name}", tmp_path, "--smoke", TRITON_INTERPRET="1")
+    result = run_script(f"bench_{name}", tmp_path, "--smoke", *SMOKE_OPTIONS.get(name, []), TRITON_INTERPRET="1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((tmp_path / f"{name}.json").read_text())
     assert record["name"] == name and record["environment"]["torch"]
@@ -46,6 +50,12 @@ def test_benchmark_runs_end_to_end(name, tmp_path):
     if name == "train_step":
         agreement = record["agreement"]
         assert agreement["passed"] and len(agreement["fused"]) == len(agreement["reference"]) == 2
+        profiled = [row for row in record["rows"] if "profile" in row]
+        assert [row["impl"] for row in profiled] == ["fused"]
+        profile = profiled[0]["profile"]
+        assert profile["steps"] == 3 and 0 < profile["busy_ms"] and 0 < profile["busy_fraction"] <= 1.05
+        assert sum(profile["families_ms"].values()) == pytest.approx(profile["busy_ms"])
+        assert profile["top"] and profile["families_ms"]["gemm"] > 0  # the towers' matmuls are found
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000  # a figure, not an empty canvas
 
 
@@ -102,3 +112,13 @@ def test_xformers_bias_is_the_mask_in_8_aligned_rows(monkeypatch):
     assert bias.stride(-2) % 8 == 0 and bias.stride(-2) >= 77
     expected = torch.zeros(3, 1, 1, 77).masked_fill(mask[:, None, None, :], float("-inf")).expand_as(bias)
     assert torch.equal(bias.float(), expected)
+
+
+def test_kernel_families_by_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    family = __import__("bench_train_step").kernel_family
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32": "gemm", "nvjet_tst_192x192_64x3_2x1_v_bz_coopB_NTN": "gemm",
+             "aten::mm": "gemm", "aten::baddbmm": "gemm", "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",
+             "flash_fwd_kernel": "attention", "triton_per_fused__to_copy_add_0": "triton",
+             "aten::commit": "other", "elementwise_kernel": "other"}
+    assert {name: family(name) for name in names} == names
