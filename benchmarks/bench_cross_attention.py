@@ -11,7 +11,8 @@ which cosmos_fast hands to SDPA). Two levels:
   ``cosmos_fast.nn.CrossAttentionPooler`` eager (one autograd node in the form its rule picks), each single-node
   form forced (context space: K and V never formed; projected K/V: the Triton attention kernel), the module under
   ``torch.compile`` and under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: what is left once no launch
-  costs CPU time), the same two compiles with the projected-K/V form forced, the eager ``nn.MultiheadAttention`` pooler of upstream COSMOS, and ``torch.compile`` of it.
+  costs CPU time), the same two compiles with the projected-K/V form forced, the eager ``nn.MultiheadAttention``
+  pooler of upstream COSMOS, and ``torch.compile`` of it.
 Ours (the attention op and both pooler forms) is checked against the float64 reference on the GPU first.
 Results: ``benchmarks/results/cross_attention``.
 
