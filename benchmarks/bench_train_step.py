@@ -193,19 +193,20 @@ def kernel_profile(one_step, first_step: int, steps: int, top: int = 15) -> dict
             one_step(step)
         synchronize()
         wall_ms = (time.perf_counter() - start) * 1000 / steps
-    kernels = [e for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
-    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    kernels.sort(key=self_us, reverse=True)
-    busy_ms = sum(self_us(e) for e in kernels) / 1000 / steps
+    # (event, its self time in ms per step), longest first
+    kernels = sorted(((e, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps)
+                      for e in prof.key_averages() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda),
+                     key=lambda kernel: -kernel[1])
+    busy_ms = sum(ms for _, ms in kernels)
     families: dict[str, float] = {}
-    for e in kernels:
+    for e, ms in kernels:
         family = kernel_family(e.key)
-        families[family] = families.get(family, 0.0) + self_us(e) / 1000 / steps
+        families[family] = families.get(family, 0.0) + ms
     return {"steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms,
             "kind": "CUDA kernels" if cuda else "CPU operators",
             "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": e.key[:120], "family": kernel_family(e.key), "calls": e.count / steps,
-                     "ms": self_us(e) / 1000 / steps} for e in kernels[:top]]}
+            "top": [{"name": e.key[:120], "family": kernel_family(e.key), "calls": e.count / steps, "ms": ms}
+                    for e, ms in kernels[:top]]}
 
 
 def print_profile(variant: str, B: int, profile: dict) -> None:

@@ -34,6 +34,9 @@ RESULTS_ENV_VAR = "COSMOS_FAST_RESULTS_DIR"
 GIB = 1024 ** 3
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only serves --smoke runs
 SMOKE_RESULTS = REPO_ROOT / "benchmarks" / "results" / "smoke"
+# A benchmark compiles the same forward for every shape, mode and variant it times; past dynamo's default of 8
+# recompilations of one function it would run the rest eager, silently, under a "compile" label.
+torch._dynamo.config.recompile_limit = 64
 
 
 def bench_args(description: str) -> argparse.ArgumentParser:
