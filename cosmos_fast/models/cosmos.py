@@ -1,6 +1,7 @@
 """The COSMOS model (``cosmos.md``, Towers and Cross-attention module) on the field's libraries: a timm
-VisionTransformer (dynamic image size: 96 px local crops interpolate the position embedding), open_clip's CLIP
-text transformer and BPE tokenizer, two token mappings, two cross-attention poolers and two temperatures."""
+VisionTransformer (dynamic image size: 96 px local crops interpolate the position embedding as upstream COSMOS
+does, DINO's way), open_clip's CLIP text transformer and BPE tokenizer, two token mappings, two cross-attention
+poolers and two temperatures."""
 from __future__ import annotations
 
 import math
@@ -37,10 +38,18 @@ class CosmosConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
     conv_stem: bool = False  # stride-2 3x3 convolutions instead of the linear patch projection (see conv_stem)
+    # position embeddings of other crop sizes: "dino" (upstream COSMOS's, see dino_interpolate_pos_embed) or
+    # "timm" (timm's resample_abs_pos_embed: bicubic to the exact grid, antialiased when shrinking)
+    pos_embed_interpolation: str = "dino"
+
+    def __post_init__(self):
+        if self.pos_embed_interpolation not in ("dino", "timm"):
+            raise ValueError(f"pos_embed_interpolation must be 'dino' or 'timm', got {self.pos_embed_interpolation!r}")
 
 
 CONFIGS = {
     "vit-b16": CosmosConfig(),
+    "vit-b32": CosmosConfig(patch_size=32),  # upstream's ViT-B/32: the B/16 towers with 32 px patches
     # small enough to train on 2 CPU cores in minutes
     "tiny": CosmosConfig(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3,
                          context_length=32, text_width=128, text_layers=4, text_heads=4, embed_dim=128,
@@ -49,7 +58,8 @@ CONFIGS = {
 
 
 def config(name: str, **overrides) -> CosmosConfig:
-    """The named config (a key of ``CONFIGS``: "vit-b16" or "tiny") with ``overrides`` (CosmosConfig fields)."""
+    """The named config (a key of ``CONFIGS``: "vit-b16", "vit-b32" or "tiny") with ``overrides`` (CosmosConfig
+    fields)."""
     if name not in CONFIGS:
         raise ValueError(f"model config must be one of {tuple(CONFIGS)}, got {name!r}")
     return replace(CONFIGS[name], **overrides)
@@ -99,6 +109,41 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def dino_interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Upstream COSMOS's (DINO's) position embeddings for a ``grid`` of patches: pos_embed [1, 1 + g0 * g0, C]
+    (class position first, square g0 x g0 grid) -> [1, 1 + gh * gw, C].
+
+    The grid is resized bicubically by ``scale_factor = ((gh + 0.1) / g0, (gw + 0.1) / g0)``, not to a size: the
+    0.1 keeps the output at gh x gw, and the scale factor, not the size ratio, sets where each output samples the
+    input (DINO issue 8); no antialiasing. The class position is unchanged; at the training grid nothing is."""
+    g0 = math.isqrt(pos_embed.shape[1] - 1)
+    if (g0, g0) == tuple(grid):
+        return pos_embed
+    C = pos_embed.shape[-1]
+    patches = pos_embed[:, 1:].reshape(1, g0, g0, C).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, scale_factor=((grid[0] + 0.1) / g0, (grid[1] + 0.1) / g0), mode="bicubic")
+    if tuple(patches.shape[-2:]) != tuple(grid):
+        raise ValueError(f"position embeddings of a {g0}x{g0} grid interpolate to {tuple(patches.shape[-2:])}, "
+                         f"not the {grid[0]}x{grid[1]} grid of the input")
+    return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
+
+
+class CosmosVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer whose position embeddings follow other crop sizes as upstream COSMOS's do
+    (:func:`dino_interpolate_pos_embed`), or as timm's own (``pos_embed_interpolation="timm"``)."""
+
+    def __init__(self, *args, pos_embed_interpolation: str = "dino", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pos_embed_interpolation = pos_embed_interpolation
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed_interpolation == "timm":
+            return super()._pos_embed(x)
+        B, H, W, C = x.shape  # dynamic_img_size: patch tokens arrive as a grid
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)], dim=1)
+        return self.pos_drop(x + dino_interpolate_pos_embed(self.pos_embed, (H, W)))
+
+
 class CosmosModel(nn.Module):
     """COSMOS's student (or, copied by ``EMATeacher``, its teacher): the towers, the two token mappings, the image
     and text poolers (``CrossAttentionPooler``, upstream's parameter names) and the two temperatures.
@@ -108,10 +153,11 @@ class CosmosModel(nn.Module):
     def __init__(self, cfg: CosmosConfig):
         super().__init__()
         self.config = cfg
-        self.visual = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size,
-                                        embed_dim=cfg.vision_width, depth=cfg.vision_layers,
-                                        num_heads=cfg.vision_heads, num_classes=0, pre_norm=True,
-                                        dynamic_img_size=True, norm_layer=nn.LayerNorm)  # CLIP's eps, 1e-5
+        self.visual = CosmosVisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size,
+                                              embed_dim=cfg.vision_width, depth=cfg.vision_layers,
+                                              num_heads=cfg.vision_heads, num_classes=0, pre_norm=True,
+                                              dynamic_img_size=True, norm_layer=nn.LayerNorm,  # CLIP's eps, 1e-5
+                                              pos_embed_interpolation=cfg.pos_embed_interpolation)
         if cfg.conv_stem:
             self.visual.patch_embed.proj = conv_stem(cfg.vision_width, cfg.patch_size)
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
