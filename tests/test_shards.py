@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cosmos_fast.data import ShapesDataset, make_shards
+from cosmos_fast.data import ShapesDataset, make_shards, split_caption
 from cosmos_fast.data.shards import (CaptionFileDataset, SkipCounter, captions_of, collate_skip_none,
                                      shard_key, shard_stream)
 
@@ -28,7 +28,8 @@ def test_round_trip_with_two_workers(tmp_path):
     by_key = {s["key"]: s for s in samples}
     for i in (0, 13, 29):
         got, want = by_key[expected[i]["key"]], expected[i]
-        assert got["raw_caption"] == want["raw_caption"] and got["long_captions"] == want["long_captions"]
+        # written in FLAIR's format: the raw caption's sentences, then the long caption's (in longIB_captions)
+        assert got["pool"] == split_caption(want["raw_caption"]) + split_caption(want["long_captions"][0])
         assert got["image"].size == (32, 32) and got["image"].mode == "RGB"
 
 
@@ -55,7 +56,8 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
         warnings.simplefilter("always")
         samples = list(shard_stream(str(path), handler=counter))
     assert [s["key"] for s in samples] == ["a", "d"]
-    assert samples[0]["long_captions"] == ["It is red. It is small."] and samples[1]["raw_caption"] == "a plain caption"
+    # a string field is split as FLAIR's presplit would; a list is taken as it is
+    assert samples[0]["pool"] == ["a red square", "It is red. It is small."] and samples[1]["pool"] == ["a plain caption"]
     assert counter.skipped == 2
     messages = [str(w.message) for w in caught if str(w.message).startswith("skipped")]
     assert len(messages) == 2 and "'b'" in messages[0] and "'c'" in messages[1]  # the warnings name the keys
@@ -93,8 +95,8 @@ def test_make_shards_from_a_folder(tmp_path):
         (images / f"img{i}.txt").write_text(f"a {color} square\nIt fills the picture.\n")
     make_shards.main(["--out", str(tmp_path / "shards"), "--source", "folder", "--path", str(images)])
     samples = list(shard_stream(str(tmp_path / "shards" / "shard-000000.tar")))
-    assert [(s["key"], s["raw_caption"], s["long_captions"]) for s in samples] == [
-        ("img0", "a red square", ["It fills the picture."]), ("img1", "a blue square", ["It fills the picture."])]
+    assert [(s["key"], s["pool"]) for s in samples] == [
+        ("img0", ["a red square", "It fills the picture"]), ("img1", ["a blue square", "It fills the picture"])]
     with pytest.raises(SystemExit):
         make_shards.main(["--out", str(tmp_path / "x"), "--source", "folder"])  # --path is required
 
@@ -105,12 +107,13 @@ def test_keys_with_dots_and_slashes_read_back(tmp_path):
     (tmp_path / "images").mkdir()
     for name, color in (("0.jpg", "red"), ("b.v2.png", "blue"), ("0_jpg.png", "green")):
         Image.new("RGB", (8, 8), color).save(tmp_path / "images" / name)
+        (tmp_path / "images" / name).with_suffix(".txt").write_text(f"a {color} square")
     rows = "".join(f"images/{n},a {c} square\n" for n, c in (("0.jpg", "red"), ("b.v2.png", "blue"),
                                                                ("0_jpg.png", "green")))
     (tmp_path / "pairs.csv").write_text("image,caption\n" + rows)
     make_shards.main(["--out", str(tmp_path / "shards"), "--source", "captions", "--path", str(tmp_path / "pairs.csv")])
     samples = list(shard_stream(str(tmp_path / "shards" / "shard-000000.tar")))
-    assert [(s["key"], s["raw_caption"]) for s in samples] == [
+    assert [(s["key"], s["pool"][0]) for s in samples] == [
         ("images_0_jpg", "a red square"), ("images_b_v2_png", "a blue square"),
         ("images_0_jpg_png", "a green square")]
     # a folder source keys by the file's stem, which may hold dots too

@@ -1,7 +1,11 @@
-"""Data for COSMOS training: the built-in shapes dataset, multi-crop and text-crop augmentation."""
+"""Data for COSMOS training: the built-in shapes dataset, multi-crop and text-crop augmentation, upstream's caption
+pools."""
 from .augment import CLIP_MEAN, CLIP_STD, MultiCrop, to_model_input
 from .pipeline import CosmosTransform, collate_views
 from .synthetic import ShapesDataset
-from .text import crop_text, sentence_pool
+from .text import (CAPTION_MODES, FLAIR_CAPTION_FIELDS, caption_pool, crop_text, sample_sentences, sentence_pool,
+                   split_caption)
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "CosmosTransform", "MultiCrop", "collate_views", "ShapesDataset", "crop_text", "sentence_pool", "to_model_input"]
+__all__ = ["CAPTION_MODES", "CLIP_MEAN", "CLIP_STD", "CosmosTransform", "FLAIR_CAPTION_FIELDS", "MultiCrop",
+           "ShapesDataset", "caption_pool", "collate_views", "crop_text", "sample_sentences", "sentence_pool",
+           "split_caption", "to_model_input"]

@@ -1,5 +1,6 @@
 """Write webdataset shards from the built-in shapes dataset, a folder of images with .txt captions, or a
-CSV/JSONL caption file.
+CSV/JSONL caption file, in upstream COSMOS's caption formats: FLAIR's presplit JSON (``--format flair``, the
+default: the seven caption fields as lists of sentences) or PixelProse's (``--format pixelprose``).
 
 Usage:
   python -m cosmos_fast.data.make_shards --out shards/ --source shapes --size 2000 [--split train]
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .shards import CaptionFileDataset, iterate_folder, write_shards
+from .shards import SHARD_FORMATS, CaptionFileDataset, iterate_folder, write_shards
 from .synthetic import ShapesDataset
 
 
@@ -29,6 +30,9 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--format", choices=SHARD_FORMATS, default="flair",
+                        help="caption JSON layout: flair (train with data.caption_mode=textcrop) or pixelprose "
+                             "(data.caption_mode=textcrop_pixelprose)")
     args = parser.parse_args(argv)
     if args.max_count < 1:
         parser.error(f"--max-count must be at least 1, got {args.max_count}")
@@ -48,7 +52,8 @@ def main(argv=None) -> None:
         dataset = CaptionFileDataset(args.path, args.image_root)
         samples = (s for s in (dataset[i] for i in range(len(dataset))) if s is not None)
         total = len(dataset)
-    shards = write_shards(tqdm(samples, total=total, desc="writing shards"), args.out, max_count=args.max_count)
+    shards = write_shards(tqdm(samples, total=total, desc="writing shards"), args.out, max_count=args.max_count,
+                          shard_format=args.format)
     print(f"wrote {len(shards)} shards to {args.out}")
 
 

@@ -10,9 +10,10 @@ from .text import crop_text, sentence_pool
 
 
 class CosmosTransform:
-    """``{"key", "image", "raw_caption", "long_captions"}`` -> ``{"key", "global" [2, 3, S, S] float32, "local"
-    [V, 3, s, s] float32 (V = n_local, 0 allowed), "captions" [C, context_length] int64}``, C =
-    n_global_captions + n_local_captions (2 + 6 for COSMOS).
+    """``{"key", "image", "pool"}`` (a shard sample: its sentence pool, see ``caption_pool``) or ``{"key", "image",
+    "raw_caption", "long_captions"}`` (the built-in data, caption files: pooled by ``sentence_pool``) ->
+    ``{"key", "global" [2, 3, S, S] float32, "local" [V, 3, s, s] float32 (V = n_local, 0 allowed), "captions"
+    [C, context_length] int64}``, C = n_global_captions + n_local_captions (2 + 6 for COSMOS).
 
     Text crops are deterministic in (seed, epoch, key); image crops follow torch's RNG (seed the DataLoader
     workers). ``tokenizer`` maps a list of strings to [n, context_length] ids (``cosmos_fast.models.Tokenizer``).
@@ -31,7 +32,7 @@ class CosmosTransform:
 
     def __call__(self, sample: dict) -> dict:
         crops = self.multicrop(sample["image"])
-        pool = sentence_pool(sample["raw_caption"], sample["long_captions"])
+        pool = sample["pool"] if "pool" in sample else sentence_pool(sample["raw_caption"], sample["long_captions"])
         if not pool:
             raise ValueError(f"sample {sample['key']!r} has no caption")
         rng = random.Random(f"{self.seed}/{self.epoch}/{sample['key']}")

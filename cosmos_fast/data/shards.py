@@ -1,9 +1,12 @@
 """webdataset shards: writing them (``python -m cosmos_fast.data.make_shards``) and streaming them back.
 
-A sample is an image (``jpg``/``png``/``webp``) plus a ``json`` with DreamLIP-style caption fields
-(``raw_caption`` and lists of long captions such as ``longIB_captions``) or a plain ``txt`` caption. Streaming
-splits shards over ranks and workers (or resamples them for endless epochs); a sample that fails to decode is
-skipped with a warning naming its key and counted, so one bad file never ends a long run.
+A sample is an image (``jpg``/``jpeg``/``png``/``webp``) plus a ``json`` with caption fields, upstream COSMOS's
+formats: FLAIR/DreamLIP recaptioned sets (``raw_caption`` and six ``short*``/``long*`` fields, lists of sentences)
+or PixelProse (``original_caption``, ``caption``); or a plain ``txt`` caption. The stream gives each sample's
+sentence pool in the chosen caption mode (``cosmos_fast.data.text.caption_pool``). Streaming splits shards over
+ranks and workers (or resamples them for endless epochs); a sample that cannot be used (an image that does not
+decode, no image, no caption, captions of the wrong type) is skipped with a warning naming its shard and key and
+counted, so one bad file never ends a long run.
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from .text import CAPTION_MODES, FLAIR_CAPTION_FIELDS, caption_pool, sentence_pool, split_caption
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SHARD_FORMATS = ("flair", "pixelprose")
 
 
 def captions_of(meta: dict) -> tuple[str, list[str]]:
-    """(raw caption, long captions) from a sample's JSON: ``raw_caption`` (or ``caption``) and every field whose
-    name starts with "long" (a string or a list of strings)."""
+    """(raw caption, long captions) from a caption row of ours: ``raw_caption`` (or ``caption``) and every field
+    whose name starts with "long" (a string or a list of strings)."""
     raw = meta.get("raw_caption") or meta.get("caption") or ""
     longs: list[str] = []
     for key, value in meta.items():
@@ -32,15 +38,35 @@ def captions_of(meta: dict) -> tuple[str, list[str]]:
     return raw, longs
 
 
+def caption_json(sample: dict, shard_format: str = "flair") -> dict:
+    """A sample's caption JSON in upstream's ``shard_format``. A sample carrying ``"json"`` (upstream's fields
+    already) keeps it; ``{"raw_caption", "long_captions"}`` become FLAIR's presplit lists (the raw caption's
+    sentences in ``raw_caption``, the long captions' in ``longIB_captions``, the other five fields empty) or
+    PixelProse's ``original_caption`` and newline-joined ``caption``."""
+    if "json" in sample:
+        return sample["json"]
+    raw, longs = sample.get("raw_caption") or "", list(sample.get("long_captions", []))
+    if shard_format == "pixelprose":
+        return {"original_caption": raw, "caption": "\n".join(longs)}
+    fields = {field: [] for field in FLAIR_CAPTION_FIELDS}
+    fields["raw_caption"] = split_caption(raw)
+    fields["longIB_captions"] = [s for text in longs for s in split_caption(text)]
+    return fields
+
+
 def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str = "shard",
-                 max_count: int = 1000) -> list[Path]:
-    """Write samples ``{"key", "image" (PIL), "raw_caption", "long_captions"}`` as tar shards; returns them.
+                 max_count: int = 1000, shard_format: str = "flair") -> list[Path]:
+    """Write samples ``{"key", "image" (PIL), "raw_caption", "long_captions"}`` (or ``{"key", "image", "json"}``
+    with upstream's caption fields) as tar shards in upstream's ``shard_format`` ("flair" or "pixelprose", see
+    :func:`caption_json`); returns them.
 
     webdataset splits a member's name at the first dot of its base name, so a key such as ``images/0.jpg``
     would be read back as key ``images/0`` with extension ``jpg.jpg`` (no image): keys are written with dots and
     slashes replaced by underscores (and a counter where that makes two equal)."""
     if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
         raise ValueError(f"max_count must be a positive int, got {max_count!r}")
+    if shard_format not in SHARD_FORMATS:
+        raise ValueError(f"shard_format must be one of {SHARD_FORMATS}, got {shard_format!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out_dir {out_dir} is a file, not a folder for the shards")
@@ -52,8 +78,7 @@ def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: st
         for sample in samples:
             key = shard_key(sample["key"], written)
             sink.write({"__key__": key, "jpg": sample["image"].convert("RGB"),
-                        "json": {"raw_caption": sample["raw_caption"],
-                                 "long_captions": list(sample.get("long_captions", []))}})
+                        "json": caption_json(sample, shard_format)})
     if not written:
         for empty in set(out_dir.glob(f"{prefix}-*.tar")) - existing:
             empty.unlink()
@@ -72,8 +97,9 @@ def shard_key(key, written: set[str]) -> str:
 
 
 class SkipCounter:
-    """webdataset error handler: warn with the sample's key, count, and go on; ``limit`` unreadable samples in a
-    row end the stream with an error (shards with nothing readable would otherwise be resampled forever)."""
+    """webdataset error handler: warn with the sample's shard and key, count, and go on; ``limit`` unusable samples
+    in a row end the stream with an error (shards with nothing readable would otherwise be resampled forever).
+    ``skipped`` counts them (in this process: each DataLoader worker has its own)."""
 
     def __init__(self, limit: int = 1000):
         self.skipped = self.in_a_row = 0
@@ -89,46 +115,70 @@ class SkipCounter:
         return True
 
 
-def _decode(sample: dict) -> dict:
-    """Raw tar members (bytes) -> our sample. Errors name the sample's key (for the skip warning)."""
-    key = sample["__key__"]
+def _where(sample: dict) -> str:
+    """"sample 'KEY' of SHARD" for messages (webdataset records the shard as ``__url__``)."""
+    url = sample.get("__url__")
+    return f"sample {sample.get('__key__')!r}" + (f" of {url}" if url else "")
+
+
+def decode_sample(sample: dict, caption_mode: str = "textcrop") -> dict:
+    """Raw tar members (bytes) -> ``{"key", "image" (PIL RGB), "pool" (the sentences, see ``caption_pool``)}``.
+
+    A ``json`` member's captions are read in ``caption_mode``; a sample with only a ``txt`` caption gets its
+    sentences (split as upstream splits). Every refusal is a ValueError naming the shard and key (the skip
+    warning's text)."""
+    where = _where(sample)
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise ValueError(f"sample {key!r} has no image ({', '.join(IMAGE_KEYS)})")
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"{where} has no image ({', '.join(IMAGE_KEYS)}; it has {members})")
+    if "json" not in sample and "txt" not in sample:
+        raise ValueError(f"{where} has no caption (neither json nor txt)")
     try:
         with Image.open(io.BytesIO(sample[image_key])) as image:
             image = image.convert("RGB")
         meta = json.loads(sample["json"]) if "json" in sample else None
-        text = sample["txt"].decode("utf-8") if "txt" in sample else ""
+        text = sample["txt"].decode("utf-8") if meta is None else None
     except Exception as exc:
-        raise ValueError(f"sample {key!r} is unreadable: {type(exc).__name__}: {exc}") from exc
-    raw, longs = captions_of(meta) if meta is not None else (text, [])
-    return {"key": key, "image": image, "raw_caption": raw, "long_captions": longs}
+        raise ValueError(f"{where} is unreadable: {type(exc).__name__}: {exc}") from exc
+    try:
+        if meta is not None:
+            pool = caption_pool(meta, caption_mode)
+        else:
+            pool = sentence_pool(text) if caption_mode == "sentences" else split_caption(text)
+            if not pool:
+                raise ValueError("its txt caption holds no sentence")
+    except ValueError as exc:
+        raise ValueError(f"{where} has no usable caption: {exc}") from exc
+    return {"key": sample["__key__"], "image": image, "pool": pool}
 
 
 class _CountingDecode:
-    """``_decode`` that tells the handler a sample was read (a class, not a closure: workers may pickle it)."""
+    """``decode_sample`` that tells the handler a sample was read (a class, not a closure: workers may pickle it)."""
 
-    def __init__(self, handler: SkipCounter):
-        self.handler = handler
+    def __init__(self, handler: SkipCounter, caption_mode: str):
+        self.handler, self.caption_mode = handler, caption_mode
 
     def __call__(self, sample: dict) -> dict:
-        decoded = _decode(sample)
+        decoded = decode_sample(sample, self.caption_mode)
         self.handler.in_a_row = 0
         return decoded
 
 
 def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
-                 handler: SkipCounter | None = None) -> wds.WebDataset:
-    """Samples of the shards at ``urls`` (brace patterns allowed), split over ranks and DataLoader workers;
-    ``resampled`` draws shards with replacement forever (each rank and worker its own stream)."""
+                 handler: SkipCounter | None = None, caption_mode: str = "textcrop") -> wds.WebDataset:
+    """Decoded samples (:func:`decode_sample`) of the shards at ``urls`` (brace patterns allowed), split over ranks
+    and DataLoader workers; ``resampled`` draws shards with replacement forever (each rank and worker its own
+    stream). Unusable samples and unreadable tar members go to ``handler`` (default: a new SkipCounter)."""
+    if caption_mode not in CAPTION_MODES:
+        raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
     handler = handler or SkipCounter()
     pipeline = wds.WebDataset(urls, resampled=resampled, shardshuffle=100 if shuffle and not resampled else False,
                               nodesplitter=None if resampled else wds.split_by_node, handler=handler, seed=seed,
                               empty_check=False)
     if shuffle:
         pipeline = pipeline.shuffle(shuffle)
-    return pipeline.map(_CountingDecode(handler), handler=handler)
+    return pipeline.map(_CountingDecode(handler, caption_mode), handler=handler)
 
 
 class CaptionFileDataset(torch.utils.data.Dataset):
