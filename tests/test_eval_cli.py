@@ -90,20 +90,48 @@ def test_cli_errors(checkpoint, imagefolder, karpathy, tmp_path):
                   "--split", "val"])
     with pytest.raises(SystemExit):  # argparse: --karpathy without --images
         cli.main(["--checkpoint", str(checkpoint), "--karpathy", str(karpathy[0])])
-    with pytest.raises(SystemExit, match="pass --model"):  # no training config in it to say which model
-        cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(imagefolder)])
+    with pytest.raises(ValueError, match="the weights do not fit model config 'vit-b16'"):
+        cli.main(["--checkpoint", str(checkpoint), "--model", "vit-b16", "--imagefolder", str(imagefolder)])
     no_teacher = tmp_path / "student_only.pt"
     torch.save({"model": torch.load(checkpoint)["model"]}, no_teacher)
-    with pytest.raises(KeyError, match="no 'teacher' weights"):
+    with pytest.raises(KeyError, match="which='teacher' is not in the checkpoint"):
         cli.main(["--checkpoint", str(no_teacher), "--model", "tiny", "--imagefolder", str(imagefolder)])
 
 
-def test_the_model_name_comes_from_the_trainers_config():
-    """The trainer stores its config as plain dicts (older checkpoints: the TrainConfig object)."""
+def test_the_model_name_comes_from_the_trainers_config_or_the_weights(checkpoint, imagefolder, capsys):
+    """The trainer stores its config as plain dicts (older checkpoints: the TrainConfig object); without it the
+    config whose sizes the weights have is taken."""
     args = cli.parse_args(["--checkpoint", "x.pt", "--imagefolder", "d"])
     assert cli.model_name(args, {"config": {"model": {"name": "vit-b16"}}}) == "vit-b16"
-    with pytest.raises(SystemExit, match="pass --model"):
-        cli.model_name(args, {"config": {"run": {}}})
+    assert cli.model_name(args, {"config": {"run": {}}}) is None
+    assert cli.main(["--checkpoint", str(checkpoint), "--imagefolder", str(imagefolder), "--no-progress"]) == 0
+    assert "model tiny, 32 px" in capsys.readouterr().out
+
+
+def test_cli_scores_an_upstream_checkpoint_student_and_teacher(tmp_path, imagefolder, karpathy, capsys):
+    """A checkpoint as upstream COSMOS's main.py saves it (ViT-B/32: {"epoch", "name", "student" with DDP's
+    prefix, "teacher"}): the config is found by the weights' sizes, both models are scored, and each is the one
+    its entry holds."""
+    from cosmos_fast.eval.zero_shot import load_model
+    from cosmos_fast.models import export_upstream_state_dict
+
+    torch.manual_seed(0)
+    student = export_upstream_state_dict(CosmosModel(config("vit-b32")).state_dict())
+    teacher = dict(student, **{"visual.proj": torch.randn(768, 512) * 0.05, "logit_scale": torch.tensor(3.0)})
+    path = tmp_path / "epoch_32.pt"  # the teacher shares the student's other tensors: saved once
+    torch.save({"epoch": 32, "name": "cc3m", "student": {f"module.{k}": v for k, v in student.items()},
+                "teacher": teacher}, path)
+    out = tmp_path / "upstream.json"
+    assert cli.main(["--checkpoint", str(path), "--imagefolder", str(imagefolder), "--karpathy", str(karpathy[0]),
+                     "--images", str(karpathy[1]), "--no-progress", "--json", str(out)]) == 0
+    assert "model vit-b32, 224 px, context 77" in capsys.readouterr().out
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(metrics) == {"student", "teacher"} and metrics["student"] != metrics["teacher"]
+    checkpoint = torch.load(path)
+    for which, state in (("student", student), ("teacher", teacher)):
+        model = load_model(checkpoint, which)
+        torch.testing.assert_close(model.image_projection.weight, state["visual.proj"].t(), rtol=0, atol=0)
+        assert model.logit_scale.item() == state["logit_scale"].item()
 
 
 def test_unreadable_inputs_are_named(tmp_path, checkpoint, imagefolder):

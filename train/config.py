@@ -11,17 +11,25 @@ from typing import Any
 
 import yaml
 
+from cosmos_fast.data.text import CAPTION_MODES
+
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # a cosmos_fast.models config: tiny | vit-b16 (run.objective=simla: a SIMLA config, tiny | base)
+    name: str = "tiny"  # a cosmos_fast.models config: tiny | vit-b16 | vit-b32 (simla: a SIMLA config, tiny | base)
     mask_padding: bool = True  # False: attend to caption padding as upstream COSMOS does
+    # start from these weights (fine-tuning): an upstream COSMOS checkpoint (student and teacher), an open_clip
+    # CLIP state dict (the towers; the teacher starts as the student) or one of this trainer's checkpoints
+    init: str | None = None
+    pos_embed_interpolation: str = "dino"  # other crop sizes' position embeddings: dino (upstream's) | timm
 
 
 @dataclass
 class DataConfig:
     source: str = "shapes"  # shapes (built in) | webdataset
     path: str | None = None  # webdataset shards: a brace pattern, e.g. /data/cc3m/{00000..00575}.tar
+    # webdataset captions: textcrop (upstream's pool of FLAIR's seven fields) | textcrop_pixelprose | sentences
+    caption_mode: str = "textcrop"
     shuffle: int = 1000  # webdataset: sample shuffle buffer
     train_size: int = 2000
     eval_size: int = 250
@@ -205,6 +213,8 @@ def _load(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     for key, value, allowed in (("run.precision", cfg.run.precision, ("auto", "bf16", "fp16", "fp32")),
                                 ("run.kernels", cfg.run.kernels, ("fused", "reference")),
                                 ("run.device", cfg.run.device, ("auto", "cpu", "cuda")),
+                                ("data.caption_mode", cfg.data.caption_mode, CAPTION_MODES),
+                                ("model.pos_embed_interpolation", cfg.model.pos_embed_interpolation, ("dino", "timm")),
                                 ("teacher.schedule", cfg.teacher.schedule, ("fixed", "cosine"))):
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -239,6 +249,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise ValueError(f"{key} must be > 0, got {value}")
     if cfg.optim.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    if cfg.model.init is not None:
+        if cfg.run.objective == "simla":
+            raise ValueError("model.init starts a COSMOS model from weights; run.objective=simla builds its own")
+        if not Path(cfg.model.init).is_file():
+            raise ValueError(f"model.init: no checkpoint at {cfg.model.init}")
     if cfg.data.source == "shapes" and cfg.data.path:
         raise ValueError(f"data.path ({cfg.data.path!r}) is read only with data.source=webdataset")
     from cosmos_fast.models import config as cosmos_config, simla_config

@@ -49,7 +49,9 @@ from cosmos_fast.data.synthetic import COLORS  # noqa: E402
 from cosmos_fast.distributed import all_gather_no_grad, all_gather_with_grad, world  # noqa: E402
 from cosmos_fast.eval import (class_embeddings, classification_accuracy, encode_images, encode_texts,  # noqa: E402
                               retrieval_recall)
-from cosmos_fast.models import CosmosModel, Tokenizer  # noqa: E402
+from cosmos_fast.eval.zero_shot import load_checkpoint  # noqa: E402
+from cosmos_fast.models import (CosmosModel, Tokenizer, config_for_weights, load_weights,  # noqa: E402
+                                state_dict_from_checkpoint, upstream_weight_decay)
 from cosmos_fast.models import config as model_config  # noqa: E402
 from cosmos_fast.ops.contrastive.reference import (contrastive_loss_reference,  # noqa: E402
                                                    multiview_contrastive_loss_reference)
@@ -59,9 +61,11 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on gains, biases and temperatures (1-d and 0-d tensors), as upstream."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """Upstream COSMOS's rule: no weight decay on gains, biases, temperatures and the class embedding (fewer than 2
+    dimensions, or ln/bn/bias/logit_scale in the name, judged on upstream's names and shapes)."""
+    named = list(model.named_parameters())
+    decay = [p for name, p in named if upstream_weight_decay(name, p)]
+    no_decay = [p for name, p in named if not upstream_weight_decay(name, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -129,8 +133,10 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
     """(loss to backpropagate, {name: detached part}) of the configured objective on this rank's rows.
 
     kernels=fused: cosmos_fast's losses score the local rows against the gathered columns. kernels=reference:
-    upstream's way, every rank gathers the whole batch and loops over view pairs with full N x N logits and
-    F.cross_entropy; each rank then holds the global loss, and after DDP's averaging the gradient is the same.
+    upstream's computation, full N x N logits per view pair and F.cross_entropy, on the whole batch gathered with
+    its gradient; each rank then holds the global loss, and after DDP's averaging the towers get the exact global
+    gradient, as the fused path does. (Upstream gathers without gradient, so there its towers get 1/world_size
+    of it and only the temperatures the whole: the two agree on one process, not under DDP.)
     """
     if cfg.run.objective == "simla":  # one image (the first global crop) and one caption per sample
         return loss_fn(model, teacher, global_crops[0], captions[0], step)
@@ -179,6 +185,30 @@ def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, m
         clip, cosmos = loss_fn(image[:2], text, out["cross_image"], out["cross_text"], t_image, t_text, scale,
                                out["distill_logit_scale"])[1:]
     return clip + cosmos, {"clip": clip.detach(), "cosmos": cosmos.detach()}
+
+
+def build_cosmos(cfg) -> tuple[CosmosModel, dict | None]:
+    """The student of config ``model.name`` at the data's sizes; with ``model.init``, holding those weights (any
+    layout: upstream COSMOS, open_clip, this trainer's), at their image size and context length (other crop sizes
+    interpolate the position embeddings), beside the teacher's weights where the checkpoint has them."""
+    name, interpolation = cfg.model.name, cfg.model.pos_embed_interpolation
+    if cfg.model.init is None:
+        return CosmosModel(model_config(name, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
+                                        pos_embed_interpolation=interpolation)), None
+    try:
+        checkpoint = load_checkpoint(cfg.model.init)
+        student = state_dict_from_checkpoint(checkpoint, "student")
+        model = CosmosModel(dataclasses.replace(config_for_weights(student, name),
+                                                pos_embed_interpolation=interpolation))
+        if cfg.data.context_length > model.config.context_length:
+            raise ValueError(f"data.context_length {cfg.data.context_length} exceeds the weights' "
+                             f"{model.config.context_length} text positions")
+        load_weights(model, student)
+        teacher = state_dict_from_checkpoint(checkpoint, "teacher") if "teacher" in checkpoint else None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise config_lib.ConfigError(f"model.init {cfg.model.init}: {exc.args[0] if isinstance(exc, KeyError) else exc}"
+                                     ) from exc
+    return model, teacher
 
 
 @torch.no_grad()
@@ -274,7 +304,8 @@ def batches(dataset, collate, cfg, epoch: int, position: int):
 def shard_batches(collate, cfg, position: int):
     """(0, position, batch) forever from webdataset shards, resampled: each rank and worker draws shards with
     replacement (open_clip's --dataset-resampled). A stream cannot seek, so a resumed run draws afresh."""
-    stream = shard_stream(cfg.data.path, resampled=True, shuffle=cfg.data.shuffle, seed=cfg.run.seed)
+    stream = shard_stream(cfg.data.path, resampled=True, shuffle=cfg.data.shuffle, seed=cfg.run.seed,
+                          caption_mode=cfg.data.caption_mode)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.data.batch_size // world()[1], collate_fn=collate,
                                          num_workers=cfg.data.workers)
     for offset, batch in enumerate(loader):
@@ -451,11 +482,14 @@ def train(cfg, resume: bool) -> int:
         images = (shard_batches(collate, cfg, 0) if cfg.data.source == "webdataset"
                   else batches(train_set, collate, cfg, 0, 0))
         raw = simla_lib.build_model(cfg, (batch["global"][0] for _, _, batch in images)).to(device)
+        teacher_weights = None
     else:
-        raw = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size,
-                                       context_length=cfg.data.context_length)).to(device)
+        raw, teacher_weights = build_cosmos(cfg)
+        raw = raw.to(device)
     teacher = cosmos_fast.EMATeacher(raw, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
                                      final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
+    if teacher_weights is not None:
+        load_weights(teacher.module, teacher_weights)
     if cfg.run.fsdp:
         shard(raw, teacher_side=False)
         shard(teacher.module, teacher_side=True)

@@ -2,8 +2,8 @@
 (``python -m cosmos_fast.eval``: a checkpoint on a Karpathy JSON split and/or an ImageFolder)."""
 from .metrics import OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, retrieval_recall
 from .zero_shot import (ClassificationSet, RetrievalSet, encode_images, encode_texts, image_transform,
-                        load_checkpoint, model_from_state_dict, read_imagefolder, read_karpathy, tower_state_dict)
+                        load_checkpoint, read_imagefolder, read_karpathy)
 
 __all__ = ["OPENAI_TEMPLATES_SHORT", "ClassificationSet", "RetrievalSet", "class_embeddings",
            "classification_accuracy", "encode_images", "encode_texts", "image_transform", "load_checkpoint",
-           "model_from_state_dict", "read_imagefolder", "read_karpathy", "retrieval_recall", "tower_state_dict"]
+           "load_model", "read_imagefolder", "read_karpathy", "retrieval_recall"]

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..models import Tokenizer
+from ..models import Tokenizer, config_name_for_weights, state_dict_from_checkpoint
 from .metrics import (OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, invalid_templates,
                       retrieval_recall)
-from .zero_shot import (encode_images, encode_texts, load_checkpoint, model_from_state_dict, read_imagefolder,
-                        read_karpathy, tower_state_dict)
+from .zero_shot import encode_images, encode_texts, load_checkpoint, load_model, read_imagefolder, read_karpathy
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,8 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[3:]))
-    parser.add_argument("--checkpoint", required=True, help="the trainer's checkpoint.pt (or a plain state dict)")
-    parser.add_argument("--model", help="model config (tiny | vit-b16); default: the checkpoint's training config")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the trainer's checkpoint.pt, an upstream COSMOS checkpoint ({epoch, student, teacher}), "
+                             "an open_clip CLIP state dict, or a plain CosmosModel state dict")
+    parser.add_argument("--model", help="model config (tiny | vit-b16 | vit-b32); default: the checkpoint's "
+                                        "training config, else the one the weights' sizes fit")
     parser.add_argument("--which", nargs="+", default=["student", "teacher"], choices=["student", "teacher"])
     parser.add_argument("--imagefolder", help="classification: DIR/<class>/<image>, class names from the folders")
     parser.add_argument("--templates", nargs="+", default=list(OPENAI_TEMPLATES_SHORT),
@@ -53,14 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def model_name(args, checkpoint: dict) -> str:
+def model_name(args, checkpoint: dict) -> str | None:
+    """--model, else the trainer's config's model name, else None (the config is then found by the weights' sizes)."""
     if args.model:
         return args.model
     try:
         saved = checkpoint["config"]  # the trainer's config: a dict (a TrainConfig in checkpoints before 2026-11-24)
         return saved["model"]["name"] if isinstance(saved, dict) else saved.model.name
     except (KeyError, AttributeError, TypeError):
-        raise SystemExit("the checkpoint does not say which model it holds: pass --model (tiny | vit-b16)") from None
+        return None
 
 
 def evaluate(model, tokenizer, retrieval, classification, templates, args, device) -> dict[str, float]:
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
     classification = read_imagefolder(args.imagefolder) if args.imagefolder else None
     checkpoint = load_checkpoint(args.checkpoint)
     name = model_name(args, checkpoint)
-    models = {which: model_from_state_dict(tower_state_dict(checkpoint, which), name) for which in args.which}
+    models = {which: load_model(checkpoint, which, name) for which in args.which}
+    name = name or config_name_for_weights(state_dict_from_checkpoint(checkpoint, args.which[0]))
     first = next(iter(models.values())).config
     print(f"checkpoint {args.checkpoint}: model {name}, {first.image_size} px, context {first.context_length}")
     chance = {}

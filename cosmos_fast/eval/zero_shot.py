@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from ..data.augment import to_model_input
-from ..models import CosmosModel, Tokenizer, config, state_dict_from_checkpoint
+from ..models import CosmosModel, Tokenizer, config_for_weights, load_weights, state_dict_from_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -177,41 +177,17 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def tower_state_dict(checkpoint: dict, which: str) -> dict[str, torch.Tensor]:
-    """The CosmosModel weights of ``which`` ("student" or "teacher") in a checkpoint: the trainer's ``model`` and
-    ``teacher`` (an EMATeacher's state, the model under ``module.``), or see
-    :func:`~cosmos_fast.models.state_dict_from_checkpoint`."""
-    if isinstance(checkpoint.get("config"), dict) and checkpoint["config"].get("run", {}).get("objective") == "simla":
+def load_model(checkpoint: dict, which: str = "student", name: str | None = None) -> CosmosModel:
+    """The ``which`` ("student" or "teacher") CosmosModel of a checkpoint in any layout: the trainer's, upstream
+    COSMOS's (``{"epoch", "student", "teacher"}``), open_clip's CLIP (the towers; the COSMOS modules, which
+    zero-shot evaluation does not use, keep their initial values) or a plain state dict. The config is ``name``,
+    or found by the weights' sizes; the image size and context length are the weights' (a model trained at
+    another resolution is evaluated as it was trained). In eval mode."""
+    config_of_run = checkpoint.get("config")
+    if isinstance(config_of_run, dict) and config_of_run.get("run", {}).get("objective") == "simla":
         raise ValueError("this is a SIMLA checkpoint: the zero-shot evaluation here reads COSMOS models (the SIMLA "
                          "trainer evaluates its own on the held-out split)")
-    if which == "student" and "model" in checkpoint:
-        return checkpoint["model"]
-    if which == "teacher":
-        if "teacher" not in checkpoint:
-            raise KeyError(f"the checkpoint has no 'teacher' weights (its keys: {sorted(checkpoint)})")
-        state = checkpoint["teacher"]
-        if any(k.startswith("module.") for k in state):
-            return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
-        return state
     state = state_dict_from_checkpoint(checkpoint, which)
-    if "visual.pos_embed" not in state:
-        raise KeyError(f"the checkpoint has no {which} CosmosModel weights (expected 'model', '{which}' or a plain "
-                       f"state dict; its keys: {sorted(checkpoint)[:10]})")
-    return state
-
-
-def model_from_state_dict(state: dict[str, torch.Tensor], name: str) -> CosmosModel:
-    """A CosmosModel of config ``name`` holding ``state``; the image size and context length are read off the
-    position embeddings, so a model trained at another resolution loads as it was trained."""
-    patch = config(name).patch_size
-    try:
-        tokens = state["visual.pos_embed"].shape[1] - 1  # the [CLS] token has a position too
-        context_length = state["text.positional_embedding"].shape[0]
-    except KeyError as exc:
-        raise KeyError(f"not CosmosModel weights: {exc.args[0]!r} is missing") from exc
-    model = CosmosModel(config(name, image_size=round(tokens ** 0.5) * patch, context_length=context_length))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"the weights do not fit model config {name!r}: {exc}") from exc
+    model = CosmosModel(config_for_weights(state, name))
+    load_weights(model, state)
     return model.eval()
