@@ -3,10 +3,29 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_VALIDATE = [os.environ.get("COSMOS_FAST_VALIDATE", "0") == "1"]
+
+
+def set_validation(enabled: bool) -> None:
+    """Checks that cost a GPU synchronisation per call (the values of tensor scales on the GPU; under NCCL, that
+    the distributed ops' shapes and dtypes agree across ranks): on with ``True`` (or ``COSMOS_FAST_VALIDATE=1``),
+    for debugging. On CPU tensors and gloo they always run, costing nothing extra there."""
+    _VALIDATE[0] = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    return _VALIDATE[0]
+
+
+def may_read_values(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values: on the CPU, or on a GPU in validation mode; never while
+    torch.compile traces (a read would break the graph)."""
+    return not torch.compiler.is_compiling() and (x.device.type == "cpu" or validation_enabled())
 
 
 def check_float_tensor(name: str, x, ndim: int | None = None, allow_no_rows: bool = False) -> torch.Tensor:
@@ -58,8 +77,8 @@ def check_positive_number(name: str, value) -> float:
 
 
 def as_scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d floating tensor from a positive real number or a one-element tensor (autograd kept; a tensor's
-    value is not inspected, which would synchronise with the GPU)."""
+    """A 0-d floating tensor from a positive real number or a one-element tensor (autograd kept). A tensor's value
+    must be finite and > 0 too: checked where reading it costs no GPU synchronisation (see ``may_read_values``)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (a 0-d or one-element tensor), got shape {tuple(value.shape)}")
@@ -67,14 +86,20 @@ def as_scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+        if may_read_values(value):
+            number = float(value.detach().reshape(()))
+            if not (math.isfinite(number) and number > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got a tensor holding {number!r}")
         return value.reshape(())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a 0-d tensor or a positive real number, got {type(value).__name__}")
-    return torch.tensor(check_positive_number(name, value), dtype=torch.float32, device=like.device)
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(check_positive_number(name, value), dtype=dtype, device=like.device)
 
 
 def check_unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number in [0, 1] (numpy scalars of any width included) as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -113,12 +113,21 @@ def test_no_rows_at_all_gives_zero_loss_and_zero_gradients(backend):
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-def test_soft_logits_rows_are_checked_at_alpha_zero(backend):
-    """SIMLA's alpha ramp starts at 0: a wrong row count must fail at the first step, not when alpha grows."""
+def test_soft_logits_are_ignored_at_alpha_zero(backend):
+    """As documented: at alpha = 0 soft_logits play no part, whatever their shape (they used to be refused when
+    their row count was wrong); from alpha > 0 the same soft_logits are refused."""
     h, w = (x.float() for x in linear_leaves(12, 16, 29, with_bias=False))
     target = ce_targets(12, 29, ignored_every=3)
+    plain = cosmos_fast.fused_linear_cross_entropy(h, w, target)
+    for soft in (randn(5, 29, seed=6).float(), randn(12, 7, seed=6).float()):
+        ignored = cosmos_fast.fused_linear_cross_entropy(h, w, target, soft_logits=soft, alpha=0.0)
+        assert torch.equal(ignored, plain)
     with pytest.raises(ValueError, match="soft_logits must have N = 12 rows"):
-        cosmos_fast.fused_linear_cross_entropy(h, w, target, soft_logits=randn(5, 29, seed=6).float(), alpha=0.0)
+        cosmos_fast.fused_linear_cross_entropy(h, w, target, soft_logits=randn(5, 29, seed=6).float(), alpha=0.1)
+    weight = w.detach().requires_grad_()  # no rows: the BCE takes them as the cross-entropy does
+    loss = cosmos_fast.fused_linear_bce(h.detach()[:0], weight, torch.zeros(0, 29))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
 def test_compact_soft_logits_equal_full_ones(backend):

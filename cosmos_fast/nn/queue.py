@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distributed import all_gather_no_grad
+from ..distributed import all_gather_no_grad, check_same_across_ranks
 
 
 class FeatureQueue(nn.Module):
@@ -50,6 +50,7 @@ class FeatureQueue(nn.Module):
         if features.device != self.queue.device:
             raise ValueError(f"features are on {features.device} but the queue is on {self.queue.device}; "
                              "move the queue with .to(device)")
+        check_same_across_ranks(self.group, features=features)
         gathered = all_gather_no_grad(features, self.group).to(self.queue.dtype)
         count = gathered.shape[0]
         kept = min(count, self.size)

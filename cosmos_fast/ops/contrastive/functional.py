@@ -10,7 +10,7 @@ from ..._validation import (
     check_same_dtype,
     check_unit_interval,
 )
-from ...distributed import all_gather_no_grad, all_gather_with_grad, world
+from ...distributed import all_gather_no_grad, all_gather_with_grad, check_same_across_ranks, world
 from .op import infonce_rows, infonce_symmetric
 
 
@@ -117,6 +117,8 @@ def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, ex
                                              soft_mask=soft_mask)
         return 0.5 * (loss_ab.mean() + loss_ba.mean())
     n = a.shape[0]
+    check_same_across_ranks(group, a=a, b=b, **{"teacher[0]": None if teacher is None else teacher[0]},
+                            columns=None if columns is None else columns[0])
     if columns is None:
         a_cols, b_cols = all_gather_with_grad(a, group), all_gather_with_grad(b, group)
     else:
@@ -149,6 +151,7 @@ def multiview_contrastive_loss(a_views, b_views, scale, *, group=None):
     if size == 1:
         loss_ab, loss_ba = infonce_symmetric(a_views, b_views, scale)
         return 0.5 * (loss_ab.mean() + loss_ba.mean())
+    check_same_across_ranks(group, a_views=a_views, b_views=b_views)
     a_cols = all_gather_with_grad(a_views, group, dim=1)
     b_cols = all_gather_with_grad(b_views, group, dim=1)
     offset = rank * a_views.shape[1]

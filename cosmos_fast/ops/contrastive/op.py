@@ -2,7 +2,8 @@
 
 ``cosmos_fast::infonce_rows`` scores rows [Vr, n, D] against columns [Vc, N, D]
 (plus optional queue columns [K, D]) and returns, for every view pair and row,
-the cross-entropy against its targets, [Vr, Vc, n] fp32. Registering it as a
+the cross-entropy against its targets, [Vr, Vc, n] fp32 (fp64 for fp64 inputs, which
+the PyTorch path computes in fp64 throughout). Registering it as a
 custom op keeps ``torch.compile`` from breaking the graph at the kernel, and
 ``torch.library.opcheck`` tests the registration. The implementation behind it
 is picked per call by :func:`cosmos_fast._dispatch.select_backend`.
@@ -23,6 +24,11 @@ def _grad_or_empty(x: Tensor, needed: bool, grad: Optional[Tensor] = None) -> Te
     if not needed:
         return x.new_empty(0)
     return torch.empty_like(x) if grad is None else grad
+
+
+def loss_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the losses and statistics for inputs like ``x``: fp64 for fp64 (gradcheck-able), else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _impl(x: Tensor):
@@ -48,8 +54,8 @@ def infonce_rows_fwd(
 def _(rows, cols, extra_cols, scale, offset, t_rows, t_cols, t_scale, alpha, soft_mask):
     Vr, n, _ = rows.shape
     Vc = cols.shape[0]
-    row_loss = rows.new_empty((Vr, Vc, n), dtype=torch.float32)
-    return row_loss, torch.empty_like(row_loss), rows.new_empty((n if t_rows is not None else 0,), dtype=torch.float32)
+    row_loss = rows.new_empty((Vr, Vc, n), dtype=loss_dtype(rows))
+    return row_loss, torch.empty_like(row_loss), rows.new_empty((n if t_rows is not None else 0,), dtype=row_loss.dtype)
 
 
 @torch.library.custom_op("cosmos_fast::infonce_rows_bwd", mutates_args=())
@@ -113,9 +119,9 @@ def infonce_symmetric_fwd(
 def _(a, b, scale, t_a, t_b, t_scale, alpha, soft_mask):
     Va, n, _ = a.shape
     Vb = b.shape[0]
-    loss_ab = a.new_empty((Va, Vb, n), dtype=torch.float32)
-    loss_ba = a.new_empty((Vb, Va, n), dtype=torch.float32)
-    tlse = a.new_empty((n if t_a is not None else 0,), dtype=torch.float32)
+    loss_ab = a.new_empty((Va, Vb, n), dtype=loss_dtype(a))
+    loss_ba = a.new_empty((Vb, Va, n), dtype=loss_dtype(a))
+    tlse = a.new_empty((n if t_a is not None else 0,), dtype=loss_dtype(a))
     return loss_ab, loss_ba, torch.empty_like(loss_ab), torch.empty_like(loss_ba), tlse, torch.empty_like(tlse)
 
 
@@ -181,7 +187,7 @@ def infonce_rows(rows, cols, scale, *, offset=0, extra_cols=None, teacher=None, 
 
     rows [Vr, n, D], cols [Vc, N, D] (same dtype), scale 0-d; row i's positive is column ``offset + i``.
     ``extra_cols`` [K, D] are extra negatives (detached). ``teacher = (t_rows [n, Dt], t_cols [N, Dt], t_scale)``
-    adds soft targets (Vr = Vc = 1). Returns [Vr, Vc, n] fp32.
+    adds soft targets (Vr = Vc = 1). Returns [Vr, Vc, n] fp32 (fp64 for fp64 inputs).
     """
     t_rows, t_cols, t_scale = _detached_teacher(teacher)
     row_loss, _, _ = infonce_rows_fwd(

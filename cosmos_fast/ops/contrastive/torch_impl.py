@@ -57,9 +57,9 @@ def infonce_rows_fwd(rows, cols, extra, scale, offset, t_rows, t_cols, t_scale, 
     if teacher:
         t_cols_c = _teacher_columns(t_cols, extra, dtype)
         t_s = t_scale.to(dtype)
-    row_loss = torch.empty(Vr, Vc, n, dtype=torch.float32, device=rows.device)
+    row_loss = torch.empty(Vr, Vc, n, dtype=dtype, device=rows.device)  # fp64 losses for fp64 inputs
     lse = torch.empty_like(row_loss)
-    tlse = torch.empty(n if teacher else 0, dtype=torch.float32, device=rows.device)
+    tlse = torch.empty(n if teacher else 0, dtype=dtype, device=rows.device)
     for start, stop in _chunks(n, Vr * Vc * M):
         logits = s * _dots(rows[:, start:stop].to(dtype), cols_c, extra_c)
         chunk_lse = torch.logsumexp(logits, dim=-1)

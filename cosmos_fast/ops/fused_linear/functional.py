@@ -34,8 +34,11 @@ def check_cross_entropy_settings(ignore_index, reduction) -> None:
 
 
 def _check_soft(soft_logits, alpha, hidden, weight, rows_word):
-    """alpha in [0, 1]; soft_logits [rows, V] of any float dtype (teacher logits, no gradient), or None."""
+    """alpha in [0, 1]; soft_logits [rows, V] of any float dtype (teacher logits, no gradient), or None. At
+    alpha = 0 soft_logits are ignored, unchecked (returned as None), as the docstrings say."""
     alpha = check_unit_interval("alpha", alpha)
+    if alpha == 0.0:
+        return None, alpha
     if soft_logits is None:
         if alpha != 0.0:
             raise ValueError("alpha > 0 needs soft targets: pass soft_logits (the teacher's logits)")
@@ -116,7 +119,7 @@ def fused_linear_bce(hidden, weight, target, *, bias=None, soft_logits=None, alp
     with the vocabulary size, as a mean over N x V elements would).
 
     Args:
-        hidden: [N, H] fp32, bf16, fp16 (or fp64 on the PyTorch path).
+        hidden: [N, H] fp32, bf16, fp16 (or fp64 on the PyTorch path); N may be 0 (the loss is then 0).
         weight: [V, H], the dtype and device of ``hidden``.
         target: [N, V] multi-hot, bool or float (values in [0, 1]).
         bias: optional [V], the dtype of ``hidden``.
@@ -126,7 +129,7 @@ def fused_linear_bce(hidden, weight, target, *, bias=None, soft_logits=None, alp
     Returns:
         0-d fp32 loss (fp64 for fp64 inputs). Gradients flow to ``hidden``, ``weight`` and ``bias``.
     """
-    _check_linear(hidden, weight, bias)
+    _check_linear(hidden, weight, bias, allow_no_rows=True)
     N, V = hidden.shape[0], weight.shape[0]
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -138,4 +141,6 @@ def fused_linear_bce(hidden, weight, target, *, bias=None, soft_logits=None, alp
     soft_logits, alpha = _check_soft(soft_logits, alpha, hidden, weight, N)
     if soft_logits is not None and soft_logits.shape[0] != N:
         raise ValueError(f"soft_logits must have shape [{N}, {V}] (like target), got {tuple(soft_logits.shape)}")
+    if N == 0:
+        return _no_rows_loss(hidden, weight, bias, "mean")
     return fused_linear_bce_rows(hidden, weight, bias, target.detach(), soft_logits, alpha).mean()
