@@ -95,10 +95,11 @@ def test_missing_config_file(tmp_path):
 
 
 def test_the_command_line_prints_a_refused_config_in_one_line():
-    """No traceback for a configuration mistake: the message, prefixed like argparse's, and exit status 1."""
+    """No traceback for a configuration mistake: the message, prefixed like argparse's, and argparse's exit
+    status, 2."""
     script = Path(__file__).resolve().parents[1] / "train" / "train.py"
     done = subprocess.run([sys.executable, str(script), "optim.lrr=1"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "train.py: error: unknown config key 'optim.lrr' (known in this section: ['accumulate', 'betas', "
         "'clip_grad', 'eps', 'lr', 'warmup_steps', 'weight_decay'])"]

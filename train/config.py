@@ -3,6 +3,7 @@ An unknown key or a value of the wrong type is an error before anything trains."
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -190,6 +191,16 @@ def _load(path: str | Path | None, overrides: list[str]) -> TrainConfig:
             raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, ...), got a "
                               f"{type(values).__name__}")
         apply(cfg, values)
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        given.setdefault(item.partition("=")[0], []).append(item)
+    repeated = {key: items for key, items in given.items() if len(items) > 1 and "=" in items[0]}
+    if repeated:
+        key, items = next(iter(repeated.items()))
+        hint = (f" (the shell expanded a brace pattern into {len(items)} overrides: quote it, "
+                f"'{key}=/data/shards-{{000..009}}.tar', or give the shards' directory)" if key == "data.path" else "")
+        raise ValueError(f"{key} is given {len(items)} times: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                         f"{hint}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key.count(".") != 1:
@@ -243,6 +254,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key, value in unit:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{key} must be in [0, 1], got {value}")
+    for section in dataclasses.fields(cfg):
+        for name, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ValueError(f"{section.name}.{name} must be a finite number, got {value}")
     for key, value in (("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps),
                        ("optim.clip_grad", cfg.optim.clip_grad)):
         if value is not None and not value > 0:
@@ -254,6 +270,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise ValueError("model.init starts a COSMOS model from weights; run.objective=simla builds its own")
         if not Path(cfg.model.init).is_file():
             raise ValueError(f"model.init: no checkpoint at {cfg.model.init}")
+    if cfg.data.source == "shapes" and cfg.data.image_size < 16:
+        raise ValueError(f"data.image_size must be at least 16 for the built-in shapes, got {cfg.data.image_size}")
     if cfg.data.source == "shapes" and cfg.data.path:
         raise ValueError(f"data.path ({cfg.data.path!r}) is read only with data.source=webdataset")
     from cosmos_fast.models import config as cosmos_config, simla_config

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 NOT_LOSSES = ("step", "lr", "samples_per_s")
@@ -15,18 +16,24 @@ NOT_LOSSES = ("step", "lr", "samples_per_s")
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of ``metrics.jsonl`` in step order, one per step. A resumed run appends to the file and logs
-    again the steps after its checkpoint; the later record of a step is the one the run continued from."""
-    by_step = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    again the steps after its checkpoint; the later record of a step is the one the run continued from. A line
+    that is no record (torn by a kill mid-write, edited by hand) is left out with one warning naming it."""
+    by_step, broken = {}, []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
-        if "step" not in record:
-            raise ValueError(f"{path}:{number}: a record without 'step'")
+            broken.append(f"{path}:{number}: not a JSON record ({exc.msg})")
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            broken.append(f"{path}:{number}: a record without 'step'")
+            continue
         by_step[record["step"]] = record
+    if broken:
+        warnings.warn(f"{len(broken)} line(s) left out: {broken[0]}{' ...' if len(broken) > 1 else ''}",
+                      stacklevel=2)
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -59,8 +66,13 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     fig.suptitle(str(Path(metrics_path).parent))
     fig.tight_layout()
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:  # a full disk must not leave a 0-byte PNG in place of the last good one
+        fig.savefig(tmp, dpi=100, format="png")
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return out_path
 
 

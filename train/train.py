@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import sys
-import tarfile
 import threading
 import time
 import zlib
@@ -28,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from braceexpand import braceexpand
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -38,13 +36,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoints  # noqa: E402
 import config as config_lib  # noqa: E402
 import plot as plot_lib  # noqa: E402
 import simla as simla_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
 from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views, to_model_input  # noqa: E402
-from cosmos_fast.data.shards import IMAGE_KEYS, shard_stream  # noqa: E402
+from cosmos_fast.data.shards import UnusableShardsError, check_shard, resolve_shards, shard_stream  # noqa: E402
 from cosmos_fast.data.synthetic import COLORS  # noqa: E402
 from cosmos_fast.distributed import all_gather_no_grad, all_gather_with_grad, world  # noqa: E402
 from cosmos_fast.eval import (class_embeddings, classification_accuracy, encode_images, encode_texts,  # noqa: E402
@@ -263,17 +262,16 @@ def gradient_sync(model, enabled: bool):
     return contextlib.nullcontext()
 
 
-def check_shards(pattern: str) -> None:
-    """Before anything trains: every local shard exists, and the first holds an image."""
-    urls = list(braceexpand(pattern))
-    if any(u.startswith("pipe:") or "://" in u for u in urls):
-        return  # remote shards: webdataset reports them as it opens them
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"data.path: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
-    with tarfile.open(urls[0]) as tar:
-        if not any(m.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS for m in tar):
-            raise ValueError(f"data.path: the shard {urls[0]} holds no image sample (is the dataset empty?)")
+def check_shards(path: str) -> list[str]:
+    """Before anything trains: the shards ``data.path`` names (a directory, a glob or a brace pattern) exist, and
+    the first is a readable tar holding an image. Returns them."""
+    try:
+        shards = resolve_shards(path)
+        if not shards[0].startswith("pipe:") and "://" not in shards[0]:
+            check_shard(shards[0])
+    except (FileNotFoundError, ValueError) as exc:
+        raise config_lib.ConfigError(f"data.path: {exc}") from exc
+    return shards
 
 
 def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -301,10 +299,10 @@ def batches(dataset, collate, cfg, epoch: int, position: int):
         epoch, position = epoch + 1, 0
 
 
-def shard_batches(collate, cfg, position: int):
+def shard_batches(shards: list[str], collate, cfg, position: int):
     """(0, position, batch) forever from webdataset shards, resampled: each rank and worker draws shards with
     replacement (open_clip's --dataset-resampled). A stream cannot seek, so a resumed run draws afresh."""
-    stream = shard_stream(cfg.data.path, resampled=True, shuffle=cfg.data.shuffle, seed=cfg.run.seed,
+    stream = shard_stream(shards, resampled=True, shuffle=cfg.data.shuffle, seed=cfg.run.seed,
                           caption_mode=cfg.data.caption_mode)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.data.batch_size // world()[1], collate_fn=collate,
                                          num_workers=cfg.data.workers)
@@ -312,22 +310,61 @@ def shard_batches(collate, cfg, position: int):
         yield 0, position + offset, batch
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write, flush to disk, then rename: neither a crash nor a power loss mid-write leaves a broken checkpoint in
-    place of a good one."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_curves(out_dir: Path) -> None:
-    """``curves.png`` from the run's metrics (where matplotlib is installed)."""
-    written = plot_lib.plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    """``curves.png`` from the run's metrics (where matplotlib is installed). Never raises: a plot that cannot be
+    made (a full disk) is one line of warning and no partial file, and never hides why a run ended."""
+    try:
+        written = plot_lib.plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    except Exception as exc:  # noqa: BLE001 - the plot is a courtesy; the run's own outcome stands
+        print(f"warning: curves.png not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return
     if written is not None:
         print(f"training curves: {written}")
+
+
+def open_log(path: Path, resume: bool):
+    """metrics.jsonl for appending (resume) or afresh. A run killed mid-write leaves a torn last line: it is cut
+    off before appending, so that every line stays one JSON record."""
+    if resume and path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return path.open("a" if resume else "w")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """run.out_dir is, or can become, a writable directory (checked before anything is created)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise config_lib.ConfigError(f"run.out_dir {out_dir} is a file, not a directory")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise config_lib.ConfigError(f"run.out_dir {out_dir}: {existing} is not a writable directory")
+
+
+def pick_device(cfg, size: int) -> torch.device:
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise config_lib.ConfigError("run.device=cuda: no CUDA device is available here (run.device=cpu or auto)")
+    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def tensorboard_writer_class(cfg):
+    """torch's SummaryWriter where run.tensorboard asks for it (None otherwise)."""
+    if not cfg.run.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise config_lib.ConfigError("run.tensorboard=true needs the tensorboard package: pip install "
+                                     "tensorboard") from exc
+    return SummaryWriter
 
 
 @torch.no_grad()
@@ -415,11 +452,18 @@ def main(argv=None) -> int:
                         help="continue from <run.out_dir>/checkpoint.pt (takes no path: set run.out_dir)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even if run.out_dir holds a checkpoint (it is replaced)")
+    parser.add_argument("--rollback", action="store_true",
+                        help="put <run.out_dir>/checkpoint-prev.pt back in place of checkpoint.pt (then --resume)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in run.out_dir, --overwrite replaces it: pass one")
     cfg = config_lib.load(args.config, args.overrides)
+    if args.rollback:
+        if args.resume or args.overwrite:
+            parser.error("--rollback only swaps the checkpoints: run --resume after it")
+        print(checkpoints.rollback(Path(cfg.run.out_dir)))
+        return 0
     checkpoint_path = Path(cfg.run.out_dir) / "checkpoint.pt"
     if args.resume and not checkpoint_path.exists():
         raise config_lib.ConfigError(f"--resume: no checkpoint at {checkpoint_path}")
@@ -442,27 +486,17 @@ def main(argv=None) -> int:
 
 def train(cfg, resume: bool) -> int:
     rank, size = world()
-    device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.run.device == "auto" else cfg.run.device))
-    if device.type == "cuda" and size > 1:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device = pick_device(cfg, size)
     if cfg.data.batch_size % size:
         raise config_lib.ConfigError(f"data.batch_size ({cfg.data.batch_size}) must divide evenly over {size} ranks")
     precision = cfg.run.precision if cfg.run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                               enabled=precision != "fp32")
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    # every refusal comes before the run directory is made: a refused run leaves nothing behind
     out_dir = Path(cfg.run.out_dir)
-    log = writer = None
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.run.tensorboard and rank == 0:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    check_out_dir(out_dir)
+    summary_writer = tensorboard_writer_class(cfg)
 
     tokenizer = Tokenizer(cfg.data.context_length)
     # only COSMOS trains on the local crops: the other objectives' samples skip drawing them
@@ -470,7 +504,7 @@ def train(cfg, resume: bool) -> int:
                                 n_local=6 if cfg.run.objective == "cosmos" else 0, seed=cfg.run.seed)
     collate = Collate(transform, seeded=cfg.data.source == "shapes")
     if cfg.data.source == "webdataset":
-        check_shards(cfg.data.path)
+        shards = check_shards(cfg.data.path)
     else:
         train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size,
                                   seed=cfg.run.seed)
@@ -479,7 +513,7 @@ def train(cfg, resume: bool) -> int:
                                          f"({cfg.data.batch_size})")
 
     if cfg.run.objective == "simla":  # its visual-token codebook is fitted on training images before the EMA copy
-        images = (shard_batches(collate, cfg, 0) if cfg.data.source == "webdataset"
+        images = (shard_batches(shards, collate, cfg, 0) if cfg.data.source == "webdataset"
                   else batches(train_set, collate, cfg, 0, 0))
         raw = simla_lib.build_model(cfg, (batch["global"][0] for _, _, batch in images)).to(device)
         teacher_weights = None
@@ -519,11 +553,20 @@ def train(cfg, resume: bool) -> int:
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=cfg.run.objective != "cosmos")
     if cfg.data.source == "webdataset":
-        stream = shard_batches(collate, cfg, position)
+        stream = shard_batches(shards, collate, cfg, position)
     else:
         stream = batches(train_set, collate, cfg, epoch, position)
+    log = writer = None
     if rank == 0:
-        log = (out_dir / "metrics.jsonl").open("a" if resume else "w")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise config_lib.ConfigError(f"run.out_dir {out_dir}: {exc.strerror or exc}") from exc
+        log = open_log(out_dir / "metrics.jsonl", resume)
+        writer = summary_writer(str(out_dir / "tensorboard")) if summary_writer else None
+    guard = checkpoints.DivergenceGuard()
+    guard.start(checkpoints.parameter_norm([local(p) for p in raw.parameters()], sharded=cfg.run.fsdp))
+    good_step = first_step if resume else None  # the step of the checkpoint on disk
     if rank == 0 and first_step >= cfg.run.steps:
         print(f"the checkpoint is at step {first_step}, run.steps is {cfg.run.steps}: nothing left to train")
     start = time.time()
@@ -551,7 +594,7 @@ def train(cfg, resume: bool) -> int:
                                                                        device=device)]))
                     stop_requested = values[-1].item() > 0
                     if not torch.isfinite(values[0]):
-                        print(f"step {step}: loss is {values[0].item()}; stopping (the last checkpoint is kept)",
+                        print(f"step {step + 1}: loss is {values[0].item()}; stopping ({kept(good_step)})",
                               file=sys.stderr)
                         return 1
                     scaler.scale(loss / cfg.optim.accumulate).backward()
@@ -572,13 +615,23 @@ def train(cfg, resume: bool) -> int:
             raw.clamp_logit_scales_()
             if not cfg.teacher.update_before_step:
                 update_teacher(teacher, raw, step, cfg)
+            param_norm = checkpoints.parameter_norm([local(p) for p in raw.parameters()], sharded=cfg.run.fsdp)
+            if diverged := guard.diverged(param_norm):
+                print(f"step {step + 1}: {diverged}; stopping ({kept(good_step)})", file=sys.stderr)
+                return 1
+            spike = guard.loss_spike_reason(logged["loss"])
             samples_per_s = ((step + 1 - first_step) * cfg.data.batch_size * cfg.optim.accumulate
                              / (time.time() - start))
             bar.set_postfix(loss=f"{logged['loss']:.3f}", samples_s=f"{samples_per_s:.0f}")
             if rank == 0 and (step % cfg.run.log_every == 0 or step == cfg.run.steps - 1):
-                record = {"step": step, **logged, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                record = {"step": step, **logged, "lr": optimizer.param_groups[0]["lr"], "param_norm": param_norm,
+                          "samples_per_s": samples_per_s}
+                try:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                except OSError as exc:
+                    raise checkpoints.RunError(f"could not write {log.name}: {exc.strerror or exc} "
+                                               f"({kept(good_step)})") from exc
                 if lines:
                     eta = (cfg.run.steps - step - 1) * (time.time() - start) / (step + 1 - first_step)
                     print(f"step {step + 1}/{cfg.run.steps} loss {logged['loss']:.4f} {samples_per_s:.0f} samples/s "
@@ -588,13 +641,10 @@ def train(cfg, resume: bool) -> int:
                         if name != "step":
                             writer.add_scalar(name, value, step)
             last = step + 1 == cfg.run.steps or step + 1 == cfg.run.stop_at or stop_requested
-            if (step + 1) % cfg.run.checkpoint_every == 0 or last:
-                finite = mean_over_ranks(torch.tensor([float(all(torch.isfinite(local(p)).all()
-                                                                 for p in raw.parameters()))], device=device))
-                if finite.item() < 1:
-                    print(f"step {step}: parameters are no longer finite; stopping (the last checkpoint is kept)",
-                          file=sys.stderr)
-                    return 1
+            if ((step + 1) % cfg.run.checkpoint_every == 0 or last) and spike:
+                if rank == 0:
+                    print(f"step {step + 1}: not checkpointed: {spike} ({kept(good_step)})", file=sys.stderr)
+            elif (step + 1) % cfg.run.checkpoint_every == 0 or last:
                 # gathering the full state dicts is collective under FSDP: every rank takes part, rank 0 writes
                 state = {"model": get_model_state_dict(raw, options=FULL_STATE),
                          "teacher": get_model_state_dict(teacher, options=FULL_STATE),
@@ -604,7 +654,9 @@ def train(cfg, resume: bool) -> int:
                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                          "config": dataclasses.asdict(cfg)}  # plain values: loads without train/ on the path
                 if rank == 0:
-                    save_checkpoint(checkpoint_path, state)
+                    checkpoints.save_checkpoint(checkpoint_path, state, good_step,
+                                                keep_previous=good_step is not None)
+                good_step = step + 1
             if stop_requested:
                 if rank == 0:
                     print(f"stopped after step {step + 1} (signal); continue with --resume", file=sys.stderr)
@@ -613,7 +665,7 @@ def train(cfg, resume: bool) -> int:
                 if rank == 0:
                     print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
                 return 0
-    finally:  # the curves so far, whether the run ended, stopped or failed
+    finally:  # the curves so far, whether the run ended, stopped or failed (write_curves never raises)
         stop.restore()
         if rank == 0:
             log.close()
@@ -637,8 +689,26 @@ def train(cfg, resume: bool) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def kept(step: int | None) -> str:
+    return f"the checkpoint of step {step} is kept" if step else "no checkpoint was written"
+
+
+def cli(argv=None) -> int:
+    """The command line: ``main``'s return code, or a refusal before training as one line on stderr (rc 2), or a
+    run that ended on a failure as one line saying what happened and what is kept (rc 1)."""
     try:
-        sys.exit(main())
-    except config_lib.ConfigError as exc:  # a refused configuration: its message says it all
-        sys.exit(f"train.py: error: {exc}")
+        return main(argv)
+    except config_lib.ConfigError as exc:  # refused before training: the message says it all, nothing was made
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    except (checkpoints.RunError, UnusableShardsError) as exc:
+        text = str(exc).strip()
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: the worker's last line is the error
+            last = text.splitlines()[-1]
+            text = last.partition(f"{type(exc).__name__}: ")[2] or last
+        print(f"train.py: error: {text}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -10,15 +10,18 @@ counted, so one bad file never ends a long run.
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import tarfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
 from PIL import Image
 
 from .text import CAPTION_MODES, FLAIR_CAPTION_FIELDS, caption_pool, sentence_pool, split_caption
@@ -96,6 +99,10 @@ def shard_key(key, written: set[str]) -> str:
     return unique
 
 
+class UnusableShardsError(RuntimeError):
+    """Too many samples in a row could not be used: the shards hold nothing this reader can train on."""
+
+
 class SkipCounter:
     """webdataset error handler: warn with the sample's shard and key, count, and go on; ``limit`` unusable samples
     in a row end the stream with an error (shards with nothing readable would otherwise be resampled forever).
@@ -109,7 +116,7 @@ class SkipCounter:
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            raise RuntimeError(f"{self.in_a_row} samples in a row could not be read (the last: {exc}); the shards "
+            raise UnusableShardsError(f"{self.in_a_row} samples in a row could not be read (the last: {exc}); the shards "
                                "hold nothing this reader can use") from exc
         warnings.warn(f"skipped: {exc}", stacklevel=2)
         return True
@@ -163,6 +170,46 @@ class _CountingDecode:
         decoded = decode_sample(sample, self.caption_mode)
         self.handler.in_a_row = 0
         return decoded
+
+
+def resolve_shards(path: str) -> list[str]:
+    """The shards a ``data.path`` names: a directory (its ``*.tar`` files), a glob (``/data/cc3m/*.tar``), a brace
+    pattern (``/data/cc3m/cc3m-{0000..0575}.tar``, webdataset's) or one file; remote URLs (``pipe:``, ``s3://``)
+    are passed on as written. Sorted, duplicates dropped. FileNotFoundError naming the path where a directory
+    or glob holds no shard, or where named local shards do not exist."""
+    if path.startswith("pipe:") or "://" in path:
+        return list(braceexpand(path))
+    local = Path(path).expanduser()
+    if local.is_dir():
+        shards = sorted(str(p) for p in local.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"the directory {path} holds no .tar shards")
+        return shards
+    if any(c in path for c in "*?["):
+        shards = sorted(glob.glob(str(local)))
+        if not shards:
+            raise FileNotFoundError(f"no shard matches {path}")
+        return shards
+    shards = list(dict.fromkeys(braceexpand(str(local))))
+    missing = [u for u in shards if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist (first: {missing[0]})")
+    return shards
+
+
+def check_shard(path: str) -> None:
+    """A local shard is a readable tar holding an image sample (checked before training starts); ValueError
+    naming the shard otherwise."""
+    mode = "r:gz" if path.endswith((".gz", ".tgz")) else "r:"
+    try:
+        with tarfile.open(path, mode) as tar:
+            has_image = any(m.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS for m in tar)
+    except (tarfile.TarError, OSError) as exc:
+        size = Path(path).stat().st_size if Path(path).exists() else None
+        what = "an empty file" if size == 0 else f"not a readable tar ({type(exc).__name__}: {exc})"
+        raise ValueError(f"the shard {path} is {what}") from exc
+    if not has_image:
+        raise ValueError(f"the shard {path} holds no image sample (is the dataset empty?)")
 
 
 def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
