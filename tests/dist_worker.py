@@ -28,13 +28,17 @@ class TinyTowers(nn.Module):
         self.cross = nn.Linear(D, D)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.distill_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.distill_logit_bias = nn.Parameter(torch.tensor(-5.0))
 
     def forward(self, x, y):
         """Everything a loss needs, inside forward so that DDP sees every parameter use."""
         img, txt = F.normalize(self.img(x), dim=-1), F.normalize(self.txt(y), dim=-1)
         cross_img = F.normalize(img + self.cross(txt), dim=-1)
         cross_txt = F.normalize(txt + self.cross(img), dim=-1)
-        return img, txt, cross_img, cross_txt, self.logit_scale.exp(), self.distill_logit_scale.exp()
+        # the biases as results of an op, like the scales: DDP must not meet a parameter itself among the outputs
+        return (img, txt, cross_img, cross_txt, self.logit_scale.exp(), self.distill_logit_scale.exp(),
+                self.logit_bias * 1, self.distill_logit_bias * 1)
 
 
 def batch():
@@ -52,7 +56,8 @@ def batch():
 
 def loss_for(case, model, data, rows):
     """The loss of ``case`` on the rows ``rows`` of the global batch (all of them on one process)."""
-    img, txt, cross_img, cross_txt, scale, distill_scale = model(data["x"][:, rows], data["y"][:, rows])
+    img, txt, cross_img, cross_txt, scale, distill_scale, bias, distill_bias = model(data["x"][:, rows],
+                                                                                     data["y"][:, rows])
     if case == "clip":
         return cosmos_fast.nn.ContrastiveLoss(local_loss=True)(img[0], txt[0], scale)
     if case == "soft":
@@ -63,6 +68,17 @@ def loss_for(case, model, data, rows):
     if case == "cosmos":
         return cosmos_fast.nn.CosmosLoss()(img[:2], txt, cross_img, cross_txt, data["teacher_img"][:, rows],
                                            data["teacher_txt"][:, rows], scale, distill_scale).total
+    if case == "sigmoid":  # soft labels on some rows, queue columns, the bias learnt
+        teacher = (data["teacher_img"][0, rows], data["teacher_txt"][0, rows], torch.tensor(20.0), torch.tensor(-4.0))
+        return cosmos_fast.sigmoid_loss(img[0], txt[0], scale, bias, teacher=teacher, alpha=0.4,
+                                        soft_mask=data["soft_mask"][rows], extra_b=data["queue_img"])
+    if case == "siglip":  # open_clip's module, built as open_clip's training script builds it
+        rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return cosmos_fast.nn.SigLipLoss(rank=rank, world_size=size)(img[1], txt[2], scale, bias)
+    if case == "cosmos_sigmoid":
+        return cosmos_fast.nn.CosmosLoss(loss="sigmoid")(
+            img[:2], txt, cross_img, cross_txt, data["teacher_img"][:, rows], data["teacher_txt"][:, rows], scale,
+            distill_scale, bias, distill_bias).total
     raise ValueError(f"unknown case {case!r}")
 
 

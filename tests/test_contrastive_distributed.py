@@ -18,7 +18,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["clip", "soft", "cosmos"])
+@pytest.mark.parametrize("case", ["clip", "soft", "cosmos", "sigmoid", "siglip", "cosmos_sigmoid"])
 def test_two_ranks_match_single_process(backend, case, tmp_path):
     model = TinyTowers()
     expected_loss = loss_for(case, model, batch(), slice(0, GLOBAL_BATCH))

@@ -32,7 +32,8 @@ def compiled():
 
 
 def test_every_launch_of_the_other_ops_compiles_and_fits_an_h100():
-    """The contrastive, fused-linear and EMA kernels, each launch in bf16, fp16 and fp32 as the ops make it."""
+    """The contrastive, sigmoid, fused-linear and EMA kernels, each launch in bf16, fp16 and fp32 as the ops make
+    it."""
     from triton_launch_compile_worker import H100_SHARED_BYTES
 
     launches = run_worker("triton_launch_compile_worker.py")
@@ -41,7 +42,8 @@ def test_every_launch_of_the_other_ops_compiles_and_fits_an_h100():
     assert all(c["shared"] <= H100_SHARED_BYTES for c in launches)
     assert {c["kernel"] for c in launches} == {"_fwd_kernel", "_symmetric_grad_kernel", "_bwd_rows_kernel",
                                                "_bwd_cols_kernel", "_ce_fwd_kernel", "_ce_grad_kernel",
-                                               "_bce_fwd_kernel", "_bce_grad_kernel", "_ema_kernel"}
+                                               "_bce_fwd_kernel", "_bce_grad_kernel", "_ema_kernel",
+                                               "_sigmoid_tile_kernel"}
     assert {c["constexprs"].get("PRECISION") for c in launches} >= {"tf32", "tf32x3"}  # 16-bit and fp32 configs
 
 

@@ -1,5 +1,5 @@
-"""Compiles, for an H100 (sm_90) and without one, every Triton kernel launch that the contrastive loss, the fused
-linear heads and the EMA update make at production shapes, and prints each launch's shared memory as JSON.
+"""Compiles, for an H100 (sm_90) and without one, every Triton kernel launch that the contrastive and sigmoid losses,
+the fused linear heads and the EMA update make at production shapes, and prints each launch's shared memory as JSON.
 
 The ops run on CPU tensors with the GPU's configs (the kernel modules are not told about an interpreter: run
 without TRITON_INTERPRET), and each ``kernel[grid](...)`` is recorded instead of run, then compiled ahead of time
@@ -23,6 +23,7 @@ import cosmos_fast
 import cosmos_fast.ops.contrastive.triton_kernels  # noqa: F401  (imported before the patch below: they must
 import cosmos_fast.ops.ema.triton_kernels  # noqa: F401  keep the real interpreter check)
 import cosmos_fast.ops.fused_linear.triton_kernels  # noqa: F401
+import cosmos_fast.ops.sigmoid.triton_kernels  # noqa: F401
 from cosmos_fast import _dispatch
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -112,6 +113,18 @@ def production_calls():
         cosmos_fast.multiview_contrastive_loss(features(dtype, 8, 256, 512), features(dtype, 8, 256, 512),
                                                torch.tensor(14.0)).backward()
 
+    def sigmoid(dtype):
+        teacher = (features(dtype, 256, 512, grad=False), features(dtype, 256, 512, grad=False), torch.tensor(5.0),
+                   torch.tensor(-2.0))
+        cosmos_fast.sigmoid_loss(features(dtype, 256, 512), features(dtype, 256, 512), torch.tensor(10.0),
+                                 torch.tensor(-10.0)).backward()
+        cosmos_fast.sigmoid_loss(features(dtype, 256, 512), features(dtype, 256, 512), torch.tensor(10.0),
+                                 torch.tensor(-10.0), teacher=teacher, alpha=0.4, soft_mask=torch.rand(256) < 0.5,
+                                 extra_b=features(dtype, 512, 512, grad=False)).backward()
+        with torch.no_grad():
+            cosmos_fast.multiview_sigmoid_loss(features(dtype, 2, 256, 512), features(dtype, 8, 256, 512),
+                                               torch.tensor(10.0), torch.tensor(-10.0))
+
     def heads(dtype):
         target = torch.randint(0, 4096, (192,))
         cosmos_fast.fused_linear_cross_entropy(features(dtype, 192, 768), features(dtype, 4096, 768), target,
@@ -126,7 +139,8 @@ def production_calls():
                                 0.999, bf16_copy=[torch.empty(s, dtype=torch.bfloat16) for s in shapes])
 
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    return ([functools.partial(op, dtype) for dtype in dtypes for op in (clip, soft_with_queue, multiview, heads)]
+    return ([functools.partial(op, dtype) for dtype in dtypes
+             for op in (clip, soft_with_queue, multiview, sigmoid, heads)]
             + [functools.partial(ema, dtype) for dtype in (torch.float32, torch.bfloat16)])
 
 

@@ -10,6 +10,9 @@ from torch import nn
 from .._validation import check_float_tensor, check_same_device, check_same_dtype
 from ..distributed import world
 from ..ops.contrastive.functional import contrastive_loss, multiview_contrastive_loss
+from ..ops.sigmoid.functional import _sigmoid_loss, multiview_sigmoid_loss
+
+DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
 
 
 class ContrastiveLoss(nn.Module):
@@ -48,6 +51,38 @@ class ContrastiveLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
+class SigLipLoss(nn.Module):
+    """Drop-in for open_clip's ``SigLipLoss``: ``forward(image_features, text_features, logit_scale, logit_bias,
+    output_dict=False)``, the same constructor (``cache_labels``, ``rank``, ``world_size``, ``dist_impl``).
+
+    ``logit_scale`` is the multiplier (``model.logit_scale.exp()``), ``logit_bias`` the bias, as open_clip's
+    models return them. With ``world_size > 1`` this rank's image rows are scored against every rank's text
+    features, gathered once with their gradient: the loss and gradients equal those of every ``dist_impl`` of
+    open_clip's (which exchange the text features rank to rank), without its per-rank N x N logit blocks;
+    ``dist_impl`` is accepted and validated for drop-in use. With ``world_size=1`` the loss covers this
+    process's pairs alone, as open_clip's does. Returns this rank's 0-d fp32 loss (open_clip computes in the
+    features' dtype; this in fp32), or ``{"contrastive_loss": loss}`` with ``output_dict``.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
+                 group=None):
+        super().__init__()
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        distributed = self.world_size > 1
+        if distributed:
+            rank, size = world(self.group)
+            if (rank, size) != (self.rank, self.world_size):
+                raise ValueError(f"SigLipLoss was built for rank {self.rank} of {self.world_size} but runs as {rank} "
+                                 f"of {size}")
+        loss = _sigmoid_loss(image_features, text_features, logit_scale, logit_bias, None, 0.0, None, None,
+                             self.group, distributed=distributed)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
 class CosmosLossOutput(NamedTuple):
     """The COSMOS objective and its two terms, each a 0-d fp32 tensor (fp64 for fp64 features): total = clip +
     cosmos; backpropagate ``total``."""
@@ -70,11 +105,16 @@ class CosmosLoss(nn.Module):
     ``C(X_img, T_img) + C(X_img, T_txt) + C(X_txt, T_img) + C(X_txt, T_txt)``, which, the groups being equal in
     size, is one multiview loss of ``[X_img; X_txt]`` against ``[T_img; T_txt]``.
     Returns ``CosmosLossOutput(total, clip, cosmos)``, each 0-d fp32 (fp64 for fp64 features).
+
+    ``loss="sigmoid"`` makes both terms SigLIP's sigmoid loss (:func:`cosmos_fast.sigmoid_loss` over the same view
+    pairs), with the logit biases ``logit_bias`` and ``distill_logit_bias`` (0-d) as two more arguments.
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, loss: str = "softmax"):
         super().__init__()
-        self.group = group
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss must be 'softmax' or 'sigmoid', got {loss!r}")
+        self.group, self.loss = group, loss
 
     @staticmethod
     def _check_features(**features) -> None:
@@ -96,13 +136,23 @@ class CosmosLoss(nn.Module):
                                  f"{features[student].shape[0]} and {features[other].shape[0]}")
 
     def forward(self, image_features, text_features, cross_image_features, cross_text_features,
-                teacher_image_features, teacher_text_features, logit_scale, distill_logit_scale) -> CosmosLossOutput:
+                teacher_image_features, teacher_text_features, logit_scale, distill_logit_scale,
+                logit_bias=None, distill_logit_bias=None) -> CosmosLossOutput:
         self._check_features(image_features=image_features, text_features=text_features,
                              cross_image_features=cross_image_features, cross_text_features=cross_text_features,
                              teacher_image_features=teacher_image_features,
                              teacher_text_features=teacher_text_features)
-        clip = multiview_contrastive_loss(image_features, text_features, logit_scale, group=self.group)
         students = torch.cat([cross_image_features, cross_text_features])
         teachers = torch.cat([teacher_image_features, teacher_text_features]).detach()
-        cosmos = multiview_contrastive_loss(students, teachers, distill_logit_scale, group=self.group)
+        if self.loss == "sigmoid":
+            if logit_bias is None or distill_logit_bias is None:
+                raise ValueError("loss='sigmoid' needs logit_bias and distill_logit_bias")
+            clip = multiview_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=self.group)
+            cosmos = multiview_sigmoid_loss(students, teachers, distill_logit_scale, distill_logit_bias,
+                                            group=self.group)
+        else:
+            if logit_bias is not None or distill_logit_bias is not None:
+                raise ValueError("logit biases belong to loss='sigmoid'; the softmax loss has none")
+            clip = multiview_contrastive_loss(image_features, text_features, logit_scale, group=self.group)
+            cosmos = multiview_contrastive_loss(students, teachers, distill_logit_scale, group=self.group)
         return CosmosLossOutput(clip + cosmos, clip, cosmos)

@@ -27,28 +27,9 @@ import triton.language as tl
 
 from ..._dispatch import triton_interpreted
 from ..triton_utils import dot_precision as _precision
+from ..triton_utils import dot_tile as _dot_tile
 from ..triton_utils import mma as _mma
 from ..triton_utils import pow2_at_least_16 as _pow2_at_least_16
-
-
-@triton.jit
-def _dot_tile(A, B, offs_a, offs_b, n_a, n_b, D,
-              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 [BLOCK_A, BLOCK_B] dot products of rows A[offs_a] with rows B[offs_b] (row length D)."""
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_a = offs_a[:, None] < n_a
-    mask_b = offs_b[:, None] < n_b
-    a_ptrs = A + offs_a[:, None].to(tl.int64) * D + offs_k[None, :]
-    b_ptrs = B + offs_b[:, None].to(tl.int64) * D + offs_k[None, :]
-    for k in range(0, D, BLOCK_K):
-        mask_k = (k + offs_k)[None, :] < D
-        a = tl.load(a_ptrs, mask=mask_a & mask_k, other=0.0)
-        b = tl.load(b_ptrs, mask=mask_b & mask_k, other=0.0)
-        acc = _mma(a, tl.trans(b), acc, PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    return acc
 
 
 @triton.jit

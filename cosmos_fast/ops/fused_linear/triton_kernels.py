@@ -30,6 +30,7 @@ from ..._dispatch import triton_interpreted
 from ..triton_utils import dot_precision as _precision
 from ..triton_utils import mma as _mma
 from ..triton_utils import pow2_at_least_16 as _pow2_at_least_16
+from ..triton_utils import softplus as _softplus
 from .blocks import linear_backward, soft_log_sum_exp
 
 
@@ -153,8 +154,7 @@ def _bce_fwd_kernel(X, W, BIAS, Y, SOFT, PARTIAL, n, V, H, cols_per_split, alpha
         ok = row_ok[:, None] & (offs_v < V)[None, :]
         z = _logits_tile(X, W, BIAS, offs_m, offs_v, n, V, H, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
         y = _bce_targets(Y, SOFT, offs_m, offs_v, ok, V, alpha, HAS_SOFT)
-        # softplus(z) = max(z, 0) + log(1 + exp(-|z|)), without overflow
-        elem = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z))) - y * z
+        elem = _softplus(z) - y * z
         acc += tl.sum(tl.where(ok, elem, 0.0), 1)
     tl.store(PARTIAL + split * n + offs_m, acc, mask=row_ok)
 
