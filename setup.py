@@ -32,6 +32,7 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 TRAIN_REQUIRES = ["torchvision", "timm>=1.0", "open_clip_torch>=2.24", "webdataset", "pillow", "matplotlib"]
+EVAL_REQUIRES = ["clip_benchmark>=1.6"]
 
 setup(
     name="cosmos_fast",
@@ -45,8 +46,11 @@ setup(
     extras_require={
         # the COSMOS model and data (cosmos_fast.models, cosmos_fast.data): the field's own libraries
         "train": TRAIN_REQUIRES,
+        # the paper's ten classification sets: clip_benchmark's class names and prompt templates
+        "eval": EVAL_REQUIRES,
         # triton ships with CUDA builds of torch; the CPU tests run its interpreter.
-        "dev": ["pytest>=8", "pytest-benchmark", "matplotlib", "triton>=3.2", "pybind11", "ninja", *TRAIN_REQUIRES],
+        "dev": ["pytest>=8", "pytest-benchmark", "matplotlib", "triton>=3.2", "pybind11", "ninja", "tensorboard",
+                *TRAIN_REQUIRES, *EVAL_REQUIRES],
         # Peers measured side by side in benchmarks/ where they install.
         "peers": ["xformers", "inf-cl"],
     },

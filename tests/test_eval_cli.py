@@ -67,14 +67,18 @@ def test_cli_both_tasks_student_and_teacher(checkpoint, imagefolder, karpathy, t
     printed = capsys.readouterr().out
     assert "32 px" in printed and "student" in printed and "teacher" in printed
     results = json.loads(out.read_text())
-    assert results["chance"] == pytest.approx({"R@1": 100 / 3, "top1": 100 / 3})
+    assert results["chance"]["karpathy-test"]["R@1"] == pytest.approx(100 / 3)
+    assert results["chance"]["imagefolder"]["top1"] == pytest.approx(100 / 3)
+    assert results["templates"] == ["a photo of a {}.", "{}"]
     for which in ("student", "teacher"):
-        metrics = results["metrics"][which]
-        assert set(metrics) == {"i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "top1", "top5"}
-        assert all(0 <= v <= 100 for v in metrics.values())
-        assert metrics["i2t_R@5"] == metrics["top5"] == 100.0  # 3 images, 3 classes: everything is in the top 5
+        retrieval, classes = results["metrics"][which]["karpathy-test"], results["metrics"][which]["imagefolder"]
+        assert set(retrieval) == {"i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10"}
+        assert set(classes) == {"top1", "top5"}
+        assert all(0 <= v <= 100 for v in [*retrieval.values(), *classes.values()])
+        assert retrieval["i2t_R@5"] == classes["top5"] == 100.0  # 3 images, 3 classes: everything is in the top 5
     # an untrained student and its fresh EMA copy are the same model
-    assert results["metrics"]["student"] == pytest.approx(results["metrics"]["teacher"])
+    for name, metrics in results["metrics"]["student"].items():
+        assert metrics == pytest.approx(results["metrics"]["teacher"][name])
 
 
 def test_cli_errors(checkpoint, imagefolder, karpathy, tmp_path):

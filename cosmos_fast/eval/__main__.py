@@ -1,10 +1,15 @@
-"""Zero-shot evaluation of a checkpoint on your data: retrieval on a Karpathy-format COCO/Flickr split and/or
-classification on an ImageFolder, for the student and the EMA teacher.
+"""Zero-shot evaluation of a checkpoint, student and teacher: the COSMOS paper's retrieval and classification
+benchmarks (``--suite paper``: every set present under a root, in the paper's order), or single sets.
 
 Usage:
-    python -m cosmos_fast.eval --checkpoint runs/x/checkpoint.pt --imagefolder DIR [--templates "a photo of a {}."]
-    python -m cosmos_fast.eval --checkpoint runs/x/checkpoint.pt --karpathy dataset_coco.json --images ROOT --split test
-    (both at once, --json results.json to keep them; --model defaults to the one the checkpoint was trained with)
+    python -m cosmos_fast.eval --checkpoint CKPT --suite paper --root DATA_ROOT [--json results.json]
+    python -m cosmos_fast.eval --open-clip ViT-B-16:openai --suite paper --root DATA_ROOT   (open_clip weights)
+    python -m cosmos_fast.eval --checkpoint CKPT --coco DATA_ROOT/coco --flickr flickr30k_test.json
+    python -m cosmos_fast.eval --checkpoint CKPT --imagenet imagenet/data/val_images --imagefolder DIR
+    python -m cosmos_fast.eval --checkpoint CKPT --karpathy dataset_coco.json --images ROOT --split test
+CKPT: the trainer's checkpoint.pt, upstream COSMOS's ({epoch, student, teacher}), an open_clip CLIP state dict or
+a plain CosmosModel state dict; the model config is the checkpoint's, or found by the weights' sizes. Results:
+a table on stdout, --json (the suite: suite.json by default) and a bar chart beside it (.png).
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ from pathlib import Path
 import torch
 
 from ..models import Tokenizer, config_name_for_weights, state_dict_from_checkpoint
+from .datasets import SUITE, DatasetMissing, read_coco_captions, read_flickr_json, read_imagenet
 from .metrics import (OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, invalid_templates,
                       retrieval_recall)
-from .zero_shot import encode_images, encode_texts, load_checkpoint, load_model, read_imagefolder, read_karpathy
+from .zero_shot import (RetrievalSet, encode_images, encode_texts, load_checkpoint, load_model,
+                        load_open_clip_model, read_imagefolder, read_karpathy)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,32 +33,60 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[3:]))
-    parser.add_argument("--checkpoint", required=True,
-                        help="the trainer's checkpoint.pt, an upstream COSMOS checkpoint ({epoch, student, teacher}), "
-                             "an open_clip CLIP state dict, or a plain CosmosModel state dict")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="a checkpoint file (see below)")
+    weights.add_argument("--open-clip", metavar="NAME[:PRETRAINED]",
+                         help="open_clip's model NAME with its PRETRAINED weights (a tag such as openai, or a file): "
+                              "OpenAI CLIP and other open_clip models beside COSMOS runs")
     parser.add_argument("--model", help="model config (tiny | vit-b16 | vit-b32); default: the checkpoint's "
                                         "training config, else the one the weights' sizes fit")
-    parser.add_argument("--which", nargs="+", default=["student", "teacher"], choices=["student", "teacher"])
+    parser.add_argument("--which", nargs="+", default=None, choices=["student", "teacher"],
+                        help="default: both (an open_clip model has one: student)")
+    parser.add_argument("--suite", choices=["paper"], help="every benchmark of the paper found under --root")
+    parser.add_argument("--root", help="the benchmarks' root (--suite): coco/, flickr30k-images/, imagenet/ and "
+                                       "torchvision's folders of the ten classification sets")
+    parser.add_argument("--sets", nargs="+", metavar="NAME", help=f"only these of the suite: "
+                                                                  f"{' '.join(b.name for b in SUITE)}")
+    parser.add_argument("--classnames", help="a JSON {dataset: [class names]} overriding clip_benchmark's names "
+                                             "(upstream COSMOS's src/dataloaders/label.json gives its numbers)")
+    parser.add_argument("--coco", help="COCO 2017 val in upstream's layout: DIR/annotations/captions_val2017.json, "
+                                       "DIR/images/val2017/")
+    parser.add_argument("--flickr", help="flickr30k_test.json (FLAIR's / upstream's format)")
+    parser.add_argument("--imagenet", help="ImageNet val images in wnid folders (DIR/n01440764/...)")
     parser.add_argument("--imagefolder", help="classification: DIR/<class>/<image>, class names from the folders")
     parser.add_argument("--templates", nargs="+", default=list(OPENAI_TEMPLATES_SHORT),
-                        help="prompt templates, '{}' marks the class name (default: 4 short OpenAI prompts)")
-    parser.add_argument("--karpathy", help="retrieval: a Karpathy-format JSON (dataset_coco.json, dataset_flickr30k.json)")
-    parser.add_argument("--images", help="the directory the JSON's image paths are relative to")
-    parser.add_argument("--split", default="test")
+                        help="prompt templates for --imagefolder, '{}' marks the class name (default: 4 short "
+                             "OpenAI prompts; the benchmarks bring their own)")
+    parser.add_argument("--karpathy", help="retrieval: a Karpathy-format JSON (dataset_coco.json, ...)")
+    parser.add_argument("--images", help="the directory the --karpathy JSON's image paths are relative to")
+    parser.add_argument("--split", default="test", help="the --karpathy split")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--json", help="also write the results here (and a bar chart beside it, .png)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if not args.imagefolder and not args.karpathy:
-        parser.error("nothing to evaluate: give --imagefolder DIR and/or --karpathy JSON --images ROOT")
+    singles = ("coco", "flickr", "imagenet", "imagefolder", "karpathy")
+    if not args.suite and not any(getattr(args, k) for k in singles):
+        parser.error("nothing to evaluate: give --suite paper --root DIR, or --coco, --flickr, --imagenet, "
+                     "--imagefolder, --karpathy")
+    if args.suite and not args.root:
+        parser.error("--suite paper needs --root, the directory the benchmarks are under")
+    if args.sets and not args.suite:
+        parser.error("--sets chooses among the suite's benchmarks: give --suite paper --root DIR")
+    unknown = sorted(set(args.sets or ()) - {b.name for b in SUITE})
+    if unknown:
+        parser.error(f"--sets: unknown {unknown} (the suite's: {' '.join(b.name for b in SUITE)})")
     if args.karpathy and not args.images:
         parser.error("--karpathy needs --images ROOT, the directory its image paths are relative to")
     if bad := invalid_templates(args.templates):
         parser.error(f"every template needs one '{{}}' for the class name (and no other braces): {bad}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.suite and args.json is None:
+        args.json = "suite.json"
     return args
 
 
@@ -66,64 +101,153 @@ def model_name(args, checkpoint: dict) -> str | None:
         return None
 
 
-def evaluate(model, tokenizer, retrieval, classification, templates, args, device) -> dict[str, float]:
-    """The metrics of one model on the datasets given (None: skipped)."""
+def read_sets(args) -> tuple[dict, dict]:
+    """({name: RetrievalSet | ClassificationSet} in the paper's order, {name: where it was looked for} of the
+    suite's absent sets). Single-set flags fail on a missing set; the suite skips it."""
+    sets, missing = {}, {}
+    if args.suite:
+        class_names = json.loads(Path(args.classnames).read_text()) if args.classnames else None
+        for bench in SUITE:
+            if args.sets and bench.name not in args.sets:
+                continue
+            try:
+                sets[bench.name] = bench.read(Path(args.root), class_names)
+            except DatasetMissing as exc:
+                missing[bench.name] = str(exc)
+    if args.coco:
+        sets["coco"] = read_coco_captions(Path(args.coco) / "annotations" / "captions_val2017.json",
+                                          Path(args.coco) / "images" / "val2017")
+    if args.flickr:
+        sets["flickr30k"] = read_flickr_json(args.flickr)
+    if args.karpathy:
+        sets[f"karpathy-{args.split}"] = read_karpathy(args.karpathy, args.images, args.split)
+    if args.imagenet:
+        sets["imagenet"] = read_imagenet(args.imagenet)
+    if args.imagefolder:
+        folder = read_imagefolder(args.imagefolder)
+        folder.templates = args.templates
+        sets["imagefolder"] = folder
+    return sets, missing
+
+
+def evaluate(model, tokenizer, sets: dict, args, device) -> dict[str, dict[str, float]]:
+    """{set: metrics} of one model: R@1/5/10 both ways for retrieval sets, top-1/5 for classification sets."""
     model = model.to(device)
-    options = {"batch_size": args.batch_size, "device": device, "progress": not args.no_progress}
-    metrics = {}
-    if retrieval is not None:
-        image_emb = encode_images(model, retrieval.images, workers=args.workers, **options)
-        text_emb = encode_texts(model, tokenizer, retrieval.captions, **options)
-        metrics.update(retrieval_recall(image_emb, text_emb, retrieval.caption_image))
-    if classification is not None:
-        image_emb = encode_images(model, classification.images, workers=args.workers, **options)
-        classes = class_embeddings(lambda texts: encode_texts(model, tokenizer, texts, device=device),
-                                   classification.class_names, templates)
-        metrics.update(classification_accuracy(image_emb, classification.labels, classes))
-    return metrics
+    results = {}
+    for name, data in sets.items():
+        options = {"batch_size": args.batch_size, "device": device, "progress": not args.no_progress}
+        image_emb = encode_images(model, data.images, workers=args.workers, desc=f"{name} images", **options)
+        if isinstance(data, RetrievalSet):
+            text_emb = encode_texts(model, tokenizer, data.captions, desc=f"{name} texts", **options)
+            results[name] = retrieval_recall(image_emb, text_emb, data.caption_image)
+        else:
+            classes = class_embeddings(
+                lambda texts: encode_texts(model, tokenizer, texts, batch_size=args.batch_size, device=device),
+                data.class_names, data.templates or args.templates, progress=not args.no_progress, desc=name)
+            results[name] = classification_accuracy(image_emb, data.labels, classes)
+    return results
+
+
+def columns(sets: dict) -> list[tuple[str, str, str]]:
+    """(set, metric, heading) of the table, in the paper's order: R@1 both ways per retrieval set, top-1 per
+    classification set."""
+    out = []
+    for name, data in sets.items():
+        if isinstance(data, RetrievalSet):
+            out += [(name, "i2t_R@1", f"{name} I2T"), (name, "t2i_R@1", f"{name} T2I")]
+        else:
+            out.append((name, "top1", name))
+    return out
+
+
+def print_table(results: dict, cols: list) -> None:
+    width = max([10] + [len(h) + 2 for _, _, h in cols])
+    print("\n" + f"{'':10}" + "".join(f"{h:>{width}}" for _, _, h in cols))
+    for which, metrics in results.items():
+        print(f"{which:10}" + "".join(f"{metrics[s][m]:{width}.1f}" for s, m, _ in cols))
+
+
+def bar_chart(path: Path, results: dict, cols: list, title: str) -> Path | None:
+    """The table as grouped bars (one group per column, one bar per model), or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cols) + 2), 4.5))
+    width = 0.8 / max(1, len(results))
+    for k, (which, metrics) in enumerate(results.items()):
+        values = [metrics[s][m] for s, m, _ in cols]
+        xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(cols))]
+        bars = ax.bar(xs, values, width, label=which)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(cols)), [h for _, _, h in cols], rotation=30, ha="right")
+    ax.set_ylabel("R@1 / top-1 (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    # read the data first: a wrong path fails before any model is built
-    retrieval = read_karpathy(args.karpathy, args.images, args.split) if args.karpathy else None
-    classification = read_imagefolder(args.imagefolder) if args.imagefolder else None
-    checkpoint = load_checkpoint(args.checkpoint)
-    name = model_name(args, checkpoint)
-    models = {which: load_model(checkpoint, which, name) for which in args.which}
-    name = name or config_name_for_weights(state_dict_from_checkpoint(checkpoint, args.which[0]))
+    sets, missing = read_sets(args)  # the data first: a wrong path fails before any model is built
+    if missing:
+        print("not found, skipped: " + "; ".join(missing.values()))
+    if not sets:
+        raise DatasetMissing(f"none of the suite's benchmarks is under {args.root}: {'; '.join(missing.values())}")
+    if args.open_clip:
+        which_models = args.which or ["student"]
+        if which_models != ["student"]:
+            raise ValueError("an open_clip model has one set of weights: --which student")
+        model, name = load_open_clip_model(args.open_clip)
+        models, source = {"student": model}, f"open_clip {args.open_clip}"
+    else:
+        checkpoint = load_checkpoint(args.checkpoint)
+        name = model_name(args, checkpoint)
+        models = {which: load_model(checkpoint, which, name) for which in args.which or ["student", "teacher"]}
+        name = name or config_name_for_weights(state_dict_from_checkpoint(checkpoint, next(iter(models))))
+        source = f"checkpoint {args.checkpoint}"
     first = next(iter(models.values())).config
-    print(f"checkpoint {args.checkpoint}: model {name}, {first.image_size} px, context {first.context_length}")
+    print(f"{source}: model {name}, {first.image_size} px, context {first.context_length}")
     chance = {}
-    if retrieval is not None:
-        chance["R@1"] = 100 / len(retrieval.images)
-        print(f"retrieval: {args.karpathy} split {args.split}, {len(retrieval.images)} images, "
-              f"{len(retrieval.captions)} captions (chance i2t/t2i R@1 about {chance['R@1']:.2g}%)")
-    if classification is not None:
-        chance["top1"] = 100 / len(classification.class_names)
-        print(f"classification: {args.imagefolder}, {len(classification.class_names)} classes, "
-              f"{len(classification.images)} images, {len(args.templates)} templates "
-              f"(chance top-1 {chance['top1']:.2g}%)")
-    results = {}
-    for which, model in models.items():
-        tokenizer = Tokenizer(model.config.context_length)
-        results[which] = evaluate(model, tokenizer, retrieval, classification, args.templates, args, device)
-    columns = list(next(iter(results.values())))
-    print(f"\n{'':10}" + "".join(f"{c:>10}" for c in columns))
-    for which, metrics in results.items():
-        print(f"{which:10}" + "".join(f"{metrics[c]:10.1f}" for c in columns))
+    for set_name, data in sets.items():
+        if isinstance(data, RetrievalSet):
+            chance[set_name] = {"R@1": 100 / len(data.images)}
+            size = f"{len(data.captions)} captions (chance R@1 about {chance[set_name]['R@1']:.2g}%)"
+        else:
+            chance[set_name] = {"top1": 100 / len(data.class_names)}
+            size = (f"{len(data.class_names)} classes, {len(data.templates or args.templates)} templates (chance "
+                    f"top-1 {chance[set_name]['top1']:.2g}%)")
+        print(f"{set_name}: {len(data.images)} images, {size}")
+    results = {which: evaluate(model, Tokenizer(model.config.context_length), sets, args, device)
+               for which, model in models.items()}
+    cols = columns(sets)
+    print_table(results, cols)
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "checkpoint": str(args.checkpoint), "model": name, "karpathy": args.karpathy, "split": args.split,
-            "imagefolder": args.imagefolder, "templates": args.templates, "chance": chance, "metrics": results,
-        }, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        path = Path(args.json)
+        record = {"source": source, "model": name, "sets": {
+            k: {"task": "retrieval" if isinstance(d, RetrievalSet) else "classification", "images": len(d.images)}
+            for k, d in sets.items()}, "missing": missing, "columns": [h for _, _, h in cols], "chance": chance,
+            "metrics": results}
+        if args.imagefolder:
+            record["templates"] = args.templates
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        chart = bar_chart(path.with_suffix(".png"), results, cols, f"zero-shot: {source}")
+        print(f"wrote {path}" + (f" and {chart}" if chart else " (no chart: matplotlib is not installed)"))
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, ModuleNotFoundError) as exc:
         sys.exit(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}")

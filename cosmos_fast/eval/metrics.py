@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .._validation import check_float_tensor
 
@@ -60,7 +61,8 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
             describes (COCO/Flickr: five captions per image).
     Returns:
         ``{"i2t_R@k": ..., "t2i_R@k": ...}`` in percent: an image counts as found at k when any of its captions
-        ranks in the top k; a caption when its image does.
+        ranks in the top k; a caption when its image does. A rank counts the candidates scoring strictly higher
+        than the right one (ties go to the model), so the recalls never depend on a sort's order among equals.
     """
     _check_embeddings("image_emb", image_emb, "text_emb", text_emb)
     _check_indexes("text_image", text_image, text_emb.shape[0], image_emb.shape[0], "image")
@@ -75,9 +77,9 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
     i2t_rank = torch.empty(I, dtype=torch.long)
     for start in range(0, I, chunk):  # [chunk, T] similarities at a time
         sim = image_emb[start:start + chunk] @ text_emb.t()
-        order = sim.argsort(dim=1, descending=True)
-        correct = text_image[order] == torch.arange(start, start + sim.shape[0])[:, None]
-        i2t_rank[start:start + sim.shape[0]] = correct.float().argmax(dim=1)  # first correct position
+        correct = text_image[None, :] == torch.arange(start, start + sim.shape[0])[:, None]
+        best = sim.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values  # its best caption
+        i2t_rank[start:start + sim.shape[0]] = (sim > best).sum(dim=1)
     t2i_rank = torch.empty(text_emb.shape[0], dtype=torch.long)
     for start in range(0, text_emb.shape[0], chunk):
         sim = text_emb[start:start + chunk] @ image_emb.t()
@@ -92,7 +94,8 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
 
 @torch.no_grad()
 def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
-                     templates: Sequence[str] = OPENAI_TEMPLATES_SHORT) -> torch.Tensor:
+                     templates: Sequence[str] = OPENAI_TEMPLATES_SHORT, progress: bool = False,
+                     desc: str = "classes") -> torch.Tensor:
     """[C, D] fp32: per class, the normalised mean of its normalised prompt embeddings (CLIP's prompt ensemble).
     ``encode_text`` maps a list of strings to [n, D] embeddings; each template has one ``{}`` for the name."""
     _check_strings("class_names", class_names)
@@ -100,7 +103,7 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_nam
     if bad := invalid_templates(templates):
         raise ValueError(f"every template needs one {{}} for the class name (and no other braces), got {bad}")
     rows = []
-    for name in class_names:
+    for name in tqdm(class_names, desc=f"{desc} classes", disable=not progress, leave=False):
         emb = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)
         rows.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(rows)

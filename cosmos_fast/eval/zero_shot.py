@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,7 +15,8 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from ..data.augment import to_model_input
-from ..models import CosmosModel, Tokenizer, config_for_weights, load_weights, state_dict_from_checkpoint
+from ..models import (CosmosModel, Tokenizer, config_for_weights, config_name_for_weights, load_weights,
+                      state_dict_from_checkpoint)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -49,22 +50,22 @@ class _Images(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def encode_images(model: CosmosModel, images: Sequence, transform=None, batch_size: int = 256, device="cpu",
-                  workers: int = 0, progress: bool = False) -> torch.Tensor:
+                  workers: int = 0, progress: bool = False, desc: str = "images") -> torch.Tensor:
     """[N, E] unnormalised image embeddings (on the CPU, in the model's dtype) of PIL images or image paths.
     ``transform`` defaults to :func:`image_transform` at the model's image size."""
     transform = transform or image_transform(model.config.image_size)
     loader = torch.utils.data.DataLoader(_Images(images, transform), batch_size=batch_size, num_workers=workers)
     return torch.cat([model.encode_image(batch.to(device))[0].cpu()
-                      for batch in tqdm(loader, desc="images", disable=not progress, leave=False)])
+                      for batch in tqdm(loader, desc=desc, disable=not progress, leave=False)])
 
 
 @torch.no_grad()
 def encode_texts(model: CosmosModel, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 256,
-                 device="cpu", progress: bool = False) -> torch.Tensor:
+                 device="cpu", progress: bool = False, desc: str = "texts") -> torch.Tensor:
     """[N, E] unnormalised text embeddings (on the CPU, in the model's dtype) of N strings."""
     starts = range(0, len(texts), batch_size)
     return torch.cat([model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device))[0].cpu()
-                      for i in tqdm(starts, desc="texts", disable=not progress, leave=False)])
+                      for i in tqdm(starts, desc=desc, disable=not progress, leave=False)])
 
 
 @dataclass
@@ -78,10 +79,12 @@ class RetrievalSet:
 
 @dataclass
 class ClassificationSet:
-    """Images, their classes (``labels`` [N] int64 indexes into ``class_names``) and the class names."""
-    images: list[Path]
+    """Images (paths or PIL images), their classes (``labels`` [N] int64 indexes into ``class_names``), the class
+    names and the dataset's own prompt templates (None: the caller's)."""
+    images: Sequence
     labels: torch.Tensor
     class_names: list[str]
+    templates: list[str] | None = None
 
 
 def read_karpathy(json_path: str | Path, image_root: str | Path, split: str = "test") -> RetrievalSet:
@@ -191,3 +194,27 @@ def load_model(checkpoint: dict, which: str = "student", name: str | None = None
     model = CosmosModel(config_for_weights(state, name))
     load_weights(model, state)
     return model.eval()
+
+
+def load_open_clip_model(spec: str) -> tuple[CosmosModel, str]:
+    """(CosmosModel, config name) holding open_clip's ``NAME[:PRETRAINED]`` weights (``ViT-B-16:openai``; PRETRAINED
+    a tag open_clip knows, which it may download, or a local file), in eval mode. The towers are open_clip's exactly
+    (QuickGELU where the model has it, as OpenAI's CLIP); the COSMOS modules, which zero-shot evaluation does not
+    use, keep their initial values."""
+    import open_clip
+
+    arch, _, pretrained = spec.partition(":")
+    try:
+        reference = open_clip.create_model(arch, pretrained=pretrained or None, device="cpu")
+    except RuntimeError as exc:  # an unknown model name or pretrained tag
+        raise ValueError(f"--open-clip {spec}: {exc}") from exc
+    if not hasattr(reference, "visual") or not hasattr(reference, "transformer"):
+        raise ValueError(f"--open-clip {spec}: not a CLIP with open_clip's own towers (a timm or HF tower?)")
+    state = reference.state_dict()
+    name = config_name_for_weights(state)
+    quick = any(isinstance(m, open_clip.transformer.QuickGELU) for m in reference.modules())
+    cfg = config_for_weights(state, name)
+    model = CosmosModel(replace(cfg, quick_gelu=quick))
+    load_weights(model, state)
+    return model.eval(), name
+

@@ -37,7 +37,8 @@ _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_fi
 # COSMOS's own modules: ours -> upstream's
 _COSMOS_RENAMES = {"image_pooler.": "text_attn_cross_pool.", "text_pooler.": "visual.attn_cross_pool.",
                    "image_token_mapping.": "image_token_mapping.", "text_token_mapping.": "text_token_mapping."}
-_COSMOS_SCALARS = ("logit_scale", "distill_logit_scale")
+_COSMOS_SCALARS = ("logit_scale", "distill_logit_scale", "logit_bias", "distill_logit_bias")
+_OPTIONAL = ("logit_bias", "distill_logit_bias")  # open_clip's SigLIP models have the first; our sigmoid runs both
 _UPSTREAM_ONLY = ("distill_logit_scale", "image_token_mapping.", "text_token_mapping.", "text_attn_cross_pool.",
                   "visual.attn_cross_pool.")
 
@@ -188,7 +189,7 @@ def convert_upstream_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
         raise ValueError("these are CosmosModel weights already (visual.pos_embed, ...): load them with "
                          "model.load_state_dict")
     unknown = [k for k in state if _from_upstream_key(k, state[k]) is None]
-    expected = _expected_upstream_keys(state, cosmos=layout == "upstream")
+    expected = _expected_upstream_keys(state, cosmos=layout == "upstream") | (set(_OPTIONAL) & set(state))
     unknown += sorted(set(state) - expected - set(unknown))
     if unknown:
         raise KeyError(f"not keys of an {layout} state dict: {_listed(unknown)}")
@@ -253,7 +254,8 @@ def _sizes(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
              "text_layers": _depth(state, "text.transformer.resblocks."),
              "embed_dim": state["image_projection.weight"].shape[0]}
     geometry = {"image_size": math.isqrt(state["visual.pos_embed"].shape[1] - 1) * patch,
-                "context_length": state["text.positional_embedding"].shape[0]}
+                "context_length": state["text.positional_embedding"].shape[0],
+                "init_logit_bias": 0.0 if "logit_bias" in state else None}  # the value comes with the weights
     return found, geometry
 
 
@@ -290,7 +292,8 @@ def to_cosmos_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_weights(model, state: dict[str, torch.Tensor]) -> list[str]:
     """Load a state dict of any layout into ``model`` (a CosmosModel) strictly, except that open_clip weights leave
-    the COSMOS modules (token mappings, poolers, ``distill_logit_scale``) at their values, whose names it returns.
+    the COSMOS modules (token mappings, poolers, ``distill_logit_scale``) at their values, and weights without
+    logit biases a model's biases (a sigmoid loss fine-tuning a softmax-trained model); it returns their names.
     A shape that does not fit the model's config is a ValueError naming the key."""
     layout = detect_layout(state)
     converted = to_cosmos_state_dict(state)
@@ -303,8 +306,9 @@ def load_weights(model, state: dict[str, torch.Tensor]) -> list[str]:
     if wrong:
         raise ValueError(f"the {layout} weights do not fit the model's config: {'; '.join(wrong[:4])}")
     left = sorted(set(own) - set(converted))
-    if left and layout != "open_clip":
-        raise KeyError(f"the {layout} weights lack {_listed(left)}")
+    lacking = [k for k in left if k not in _OPTIONAL]  # logit biases a softmax-trained checkpoint never had
+    if lacking and layout != "open_clip":
+        raise KeyError(f"the {layout} weights lack {_listed(lacking)}")
     model.load_state_dict(converted, strict=False)
     return left
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import QuickGELU, TextTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -37,6 +37,10 @@ class CosmosConfig:
     cross_heads: int = 8
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
+    # a learnt logit bias for each temperature (the sigmoid losses: SigLIP's init is -10 with a scale of ln 10);
+    # None: no biases (the softmax losses have none)
+    init_logit_bias: float | None = None
+    quick_gelu: bool = False  # OpenAI CLIP's x * sigmoid(1.702 x) in both towers' MLPs (its weights need it)
     conv_stem: bool = False  # stride-2 3x3 convolutions instead of the linear patch projection (see conv_stem)
     # position embeddings of other crop sizes: "dino" (upstream COSMOS's, see dino_interpolate_pos_embed) or
     # "timm" (timm's resample_abs_pos_embed: bicubic to the exact grid, antialiased when shrinking)
@@ -157,19 +161,23 @@ class CosmosModel(nn.Module):
                                               embed_dim=cfg.vision_width, depth=cfg.vision_layers,
                                               num_heads=cfg.vision_heads, num_classes=0, pre_norm=True,
                                               dynamic_img_size=True, norm_layer=nn.LayerNorm,  # CLIP's eps, 1e-5
-                                              pos_embed_interpolation=cfg.pos_embed_interpolation)
+                                              pos_embed_interpolation=cfg.pos_embed_interpolation,
+                                              act_layer="quick_gelu" if cfg.quick_gelu else None)
         if cfg.conv_stem:
             self.visual.patch_embed.proj = conv_stem(cfg.vision_width, cfg.patch_size)
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                                     width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
-                                    output_dim=cfg.embed_dim)
+                                    output_dim=cfg.embed_dim, act_layer=QuickGELU if cfg.quick_gelu else nn.GELU)
         self.image_token_mapping = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_token_mapping = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.image_pooler = CrossAttentionPooler(cfg.embed_dim, cfg.cross_heads)  # image queries, text keys
         self.text_pooler = CrossAttentionPooler(cfg.embed_dim, cfg.cross_heads)  # caption queries, patch keys
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         self.distill_logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(cfg.init_logit_bias))
+            self.distill_logit_bias = nn.Parameter(torch.tensor(cfg.init_logit_bias))
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, S, S] (any S divisible by the patch size) -> (embedding [B, E] unnormalised,
@@ -243,7 +251,8 @@ class CosmosModel(nn.Module):
             cross_attention: False skips the poolers (the CLIP and PSD objectives use the towers alone).
         Returns (all normalised): "image" [G + V, B, E] and "text" [C, B, E] tower embeddings, "cross_image"
         [G + V, B, E] and "cross_text" [C, B, E] cross-attended outputs (only with ``cross_attention``);
-        "logit_scale", "distill_logit_scale" (exponentiated).
+        "logit_scale", "distill_logit_scale" (exponentiated); with logit biases (``init_logit_bias``) also
+        "logit_bias", "distill_logit_bias".
         """
         self._check_forward_inputs(global_crops, local_crops, captions)
         n_global, B = global_crops.shape[:2]
@@ -262,6 +271,8 @@ class CosmosModel(nn.Module):
             text_parts.append(self.encode_text(trim_to_longest(ids[2 * B:])))
         text = torch.cat([emb for emb, _ in text_parts]).view(C, B, -1)
         scales = {"logit_scale": self.logit_scale.exp(), "distill_logit_scale": self.distill_logit_scale.exp()}
+        if self.config.init_logit_bias is not None:
+            scales.update(logit_bias=self.logit_bias * 1, distill_logit_bias=self.distill_logit_bias * 1)
         if not cross_attention:
             return {"image": F.normalize(image, dim=-1), "text": F.normalize(text, dim=-1), **scales}
         first_caption_ids = global_ids[:B]
