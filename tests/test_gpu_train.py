@@ -17,7 +17,8 @@ SMALL = ["run.steps=2", "data.batch_size=8", "data.train_size=16", "data.eval_si
 
 
 def _losses(out_dir):
-    return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]  # the training records, not the evaluation's
 
 
 SIMLA = ["run.objective=simla", "simla.codebook_images=64", "simla.codebook_iterations=2", "simla.queue_size=12",

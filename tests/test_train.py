@@ -130,11 +130,13 @@ SMALL = ["run.steps=2", "data.batch_size=4", "data.train_size=8", "data.eval_siz
 
 
 def _log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]  # the training records, not the evaluation's
 
 
 @pytest.mark.parametrize("objective,backend", [("cosmos", "default"), ("clip", "default"), ("psd ema", "default"),
-                                               ("cosmos", "triton")])
+                                               ("siglip", "default"), ("cosmos sigmoid", "default"),
+                                               ("cosmos", "triton"), ("siglip", "triton")])
 def test_reference_kernels_match_fused(tmp_path, objective, backend, monkeypatch):
     """Upstream's way (per-pair full logits and F.cross_entropy, per-tensor EMA loop, nn.MultiheadAttention)
     and cosmos_fast's give the same losses step by step, and the same weights, from the same seed (fp32). With
@@ -144,8 +146,9 @@ def test_reference_kernels_match_fused(tmp_path, objective, backend, monkeypatch
         if not (_dispatch.triton_available() and _dispatch.triton_interpreted()):
             pytest.skip("the fast backend on CPU tensors needs triton and TRITON_INTERPRET=1")
         monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
-    name, _, source = objective.partition(" ")
-    extra = [f"run.objective={name}"] + ([f"psd.source={source}", "psd.ramp_steps=1"] if source else [])
+    name, _, variant = objective.partition(" ")
+    extra = [f"run.objective={name}"] + {"ema": ["psd.source=ema", "psd.ramp_steps=1"],
+                                         "sigmoid": ["cosmos.loss=sigmoid"], "": []}[variant]
     runs = {}
     for kernels in ("fused", "reference"):
         out = tmp_path / kernels
@@ -154,14 +157,20 @@ def test_reference_kernels_match_fused(tmp_path, objective, backend, monkeypatch
     (fused_log, fused), (ref_log, ref) = runs["fused"], runs["reference"]
     assert len(fused_log) == len(ref_log) == 2
     for a, b in zip(fused_log, ref_log):
-        for key in {"cosmos": ("loss", "clip", "cosmos"), "clip": ("loss",), "psd": ("loss", "alpha")}[name]:
+        for key in {"cosmos": ("loss", "clip", "cosmos"), "clip": ("loss",), "siglip": ("loss",),
+                    "psd": ("loss", "alpha")}[name]:
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
-    # Adam turns rounding-level gradients (the attention's key bias, to which softmax is blind, has a true
-    # gradient of zero) into steps of up to lr: the weights agree to a fraction of lr, the losses to rounding
+    # Adam turns rounding-level gradients into steps of up to lr. The attentions' key biases, to which softmax is
+    # blind, have a true gradient of exactly zero: theirs are pure rounding, so they are left out; the other
+    # weights agree to a fraction of lr, the losses to rounding
     for part in ("model", "teacher"):
         for name, value in fused[part].items():
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(ref[part][name], value, rtol=1e-4, atol=1e-3, msg=f"{part}.{name}")
+                other = ref[part][name]
+                if name.endswith(("in_proj_bias", "qkv.bias")):
+                    q, _, v = value.chunk(3)
+                    value, other = torch.cat([q, v]), torch.cat([other.chunk(3)[0], other.chunk(3)[2]])
+                torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-3, msg=f"{part}.{name}")
 
 
 @pytest.mark.parametrize("option", ["run.grad_checkpointing=true", "run.compile=true"])
@@ -239,9 +248,16 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
 
 
 def test_tensorboard(tmp_path):
+    """The training scalars and the held-out evaluation's, at their steps."""
     pytest.importorskip("tensorboard")
-    assert train.main(SMALL + ["run.tensorboard=true", f"run.out_dir={tmp_path}"]) == 0
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(SMALL + ["run.tensorboard=true", "eval.every=1", f"run.out_dir={tmp_path}"]) == 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "eval/student/shapes/top1", "eval/teacher/shapes/t2i_R@1"} <= tags
+    assert [e.step for e in events.Scalars("eval/student/shapes/top1")] == [0, 1]
 
 
 def test_fsdp_needs_torchrun(tmp_path):
@@ -288,3 +304,24 @@ def test_curves_leave_out_and_name_a_broken_record(tmp_path):
         assert plot.read_metrics(tmp_path / "metrics.jsonl") == []
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "missing")])
+
+
+def test_the_loop_has_no_per_objective_branch_and_each_objective_is_one_module():
+    """train.py's loop knows objectives only through their interface: no comparison with run.objective, no
+    objective's name in it; train/objectives/ holds one module per objective, each an Objective."""
+    import ast
+
+    import objectives
+
+    source = (Path(train.__file__)).read_text()
+    tree = ast.parse(source)
+    names = set(objectives.available())
+    assert names == {"cosmos", "clip", "psd", "siglip", "simla"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "objective":
+            assert not (isinstance(node.value, ast.Attribute) and node.value.attr == "run"), ast.unparse(node)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert node.value not in names, f"train.py names the objective {node.value!r}"
+    for name in names:
+        cls = objectives.objective_class(name)
+        assert issubclass(cls, objectives.Objective) and cls.__module__ == f"objectives.{name}"

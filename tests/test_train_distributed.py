@@ -39,7 +39,7 @@ def _launch(args, world=2):
 
 
 def _run(out_dir):
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return records, torch.load(out_dir / "checkpoint.pt", weights_only=False)
 
 
@@ -83,3 +83,22 @@ def test_psd_two_ranks_match_one_process(tmp_path, kernels):
     assert log[-1]["alpha"] == expected_log[-1]["alpha"] > 0
     for name, value in expected["model"].items():
         torch.testing.assert_close(state["model"][name], value, rtol=1e-4, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["siglip", "cosmos sigmoid"])
+def test_sigmoid_objectives_two_ranks_match_one_process(tmp_path, objective):
+    """The sigmoid losses' rows stay local and their columns are gathered with gradient (the logit biases, 0-d,
+    replicated): 2 ranks under DDP train as one process does."""
+    name, _, variant = objective.partition(" ")
+    args = TINY + [f"run.objective={name}"] + (["cosmos.loss=sigmoid"] if variant else [])
+    assert train.main(args + [f"run.out_dir={tmp_path / 'one'}"]) == 0
+    _launch(args + [f"run.out_dir={tmp_path / 'two'}"])
+    (expected_log, expected), (log, state) = _run(tmp_path / "one"), _run(tmp_path / "two")
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in expected_log], rel=1e-5)
+    for name, value in expected["model"].items():
+        if name.endswith(("in_proj_bias", "qkv.bias")):  # the key biases: zero true gradient, rounding-driven steps
+            value, other = (torch.cat([x.chunk(3)[0], x.chunk(3)[2]]) for x in (value, state["model"][name]))
+        else:
+            other = state["model"][name]
+        torch.testing.assert_close(other, value, rtol=1e-4, atol=1e-3, msg=name)
+    assert state["model"]["logit_bias"].item() != -10.0  # the bias trains

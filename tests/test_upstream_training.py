@@ -19,7 +19,8 @@ SMALL = ["run.steps=2", "data.batch_size=4", "data.train_size=8", "data.eval_siz
 
 
 def _log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]  # the training records, not the evaluation's
 
 
 def _state(out_dir):

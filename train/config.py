@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+import objectives
 from cosmos_fast.data.text import CAPTION_MODES
 
 
@@ -31,6 +32,7 @@ class DataConfig:
     path: str | None = None  # webdataset shards: a brace pattern, e.g. /data/cc3m/{00000..00575}.tar
     # webdataset captions: textcrop (upstream's pool of FLAIR's seven fields) | textcrop_pixelprose | sentences
     caption_mode: str = "textcrop"
+    val_path: str | None = None  # held-out webdataset shards for the validation loss (eval section)
     shuffle: int = 1000  # webdataset: sample shuffle buffer
     train_size: int = 2000
     eval_size: int = 250
@@ -61,6 +63,20 @@ class TeacherConfig:
 
 
 @dataclass
+class CosmosObjectiveConfig:
+    """The COSMOS objective (``cosmos.md``, Loss)."""
+    loss: str = "softmax"  # softmax (InfoNCE, the paper's) | sigmoid (SigLIP's loss for both terms, learnt biases)
+
+
+@dataclass
+class SigmoidConfig:
+    """The sigmoid losses' learnt temperature and bias at the start (siglip, cosmos.loss=sigmoid): SigLIP's
+    initialisation, ln 10 and -10 (about -ln of SigLIP's batch: positives are 1 in 32k of its pairs)."""
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+
+
+@dataclass
 class PSDConfig:
     """Progressive self-distillation (psd_simla.md; the values are ours: the paper's are not public)."""
     alpha_max: float = 0.5
@@ -86,7 +102,8 @@ class SIMLAConfig:
 
 @dataclass
 class RunConfig:
-    objective: str = "cosmos"  # cosmos | clip | psd | simla (model.name then names a SIMLA config: tiny | base)
+    objective: str = "cosmos"  # a module of train/objectives: cosmos | clip | psd | siglip | simla (simla: model.name
+    #                            names a SIMLA config, tiny | base)
     steps: int = 600
     seed: int = 0
     out_dir: str = "runs/tiny-cpu"
@@ -103,13 +120,26 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The held-out evaluation (train/evaluation.py): every run ends with one, and runs one every ``every``
+    steps: the shapes' held-out split, the validation loss on data.val_path, the paper's benchmarks under root."""
+    every: int | None = None  # steps between evaluations during training (None: at the end only)
+    root: str | None = None  # the benchmarks' root, as python -m cosmos_fast.eval --suite paper --root takes it
+    sets: str | None = None  # comma-separated names of the suite's sets to run (default: every one under root)
+    val_batches: int = 20  # global batches of data.val_path the validation loss averages
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cosmos: CosmosObjectiveConfig = field(default_factory=CosmosObjectiveConfig)
+    sigmoid: SigmoidConfig = field(default_factory=SigmoidConfig)
     psd: PSDConfig = field(default_factory=PSDConfig)
     simla: SIMLAConfig = field(default_factory=SIMLAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -142,7 +172,8 @@ def _set(section, key: str, value: Any, where: str) -> None:
 def apply(cfg: TrainConfig, values: dict, prefix: str = "") -> TrainConfig:
     for name, body in values.items():
         if not hasattr(cfg, name) or not dataclasses.is_dataclass(getattr(cfg, name)):
-            raise ValueError(f"unknown config section {prefix + name!r} (known: model, data, optim, teacher, psd, simla, run)")
+            known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+            raise ValueError(f"unknown config section {prefix + name!r} (known: {known})")
         if not isinstance(body, dict):
             raise ValueError(f"config section {prefix + name!r} must be a mapping")
         for key, value in body.items():
@@ -208,13 +239,7 @@ def _load(path: str | Path | None, overrides: list[str]) -> TrainConfig:
             raise ValueError(f"override {item!r} must look like section.key=value{hint}")
         section, name = key.split(".")
         apply(cfg, {section: {name: _parse(raw)}})
-    if cfg.run.objective not in ("cosmos", "clip", "psd", "simla"):
-        raise ValueError(f"run.objective must be cosmos, clip, psd or simla, got {cfg.run.objective!r}")
-    if cfg.run.objective == "simla" and (cfg.run.kernels != "fused" or cfg.run.fsdp or cfg.run.compile
-                                         or cfg.run.grad_checkpointing):
-        raise ValueError("run.objective=simla runs on the fused kernels, eager, without FSDP or gradient "
-                         "checkpointing (run.kernels=fused, run.fsdp=false, run.compile=false, "
-                         "run.grad_checkpointing=false)")
+    objectives.objective_class(cfg.run.objective)  # ValueError naming the objectives there are
     if cfg.psd.source not in ("self", "ema"):
         raise ValueError(f"psd.source must be self or ema, got {cfg.psd.source!r}")
     if cfg.data.source not in ("shapes", "webdataset"):
@@ -226,7 +251,8 @@ def _load(path: str | Path | None, overrides: list[str]) -> TrainConfig:
                                 ("run.device", cfg.run.device, ("auto", "cpu", "cuda")),
                                 ("data.caption_mode", cfg.data.caption_mode, CAPTION_MODES),
                                 ("model.pos_embed_interpolation", cfg.model.pos_embed_interpolation, ("dino", "timm")),
-                                ("teacher.schedule", cfg.teacher.schedule, ("fixed", "cosine"))):
+                                ("teacher.schedule", cfg.teacher.schedule, ("fixed", "cosine")),
+                                ("cosmos.loss", cfg.cosmos.loss, ("softmax", "sigmoid"))):
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     _check_ranges(cfg)
@@ -240,7 +266,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
                 ("optim.accumulate", 1), ("optim.warmup_steps", 0), ("run.steps", 1), ("run.log_every", 1),
                 ("run.checkpoint_every", 1), ("run.stop_at", 1), ("psd.ramp_steps", 1),
                 ("simla.alpha_ramp_steps", 1), ("simla.queue_size", 1), ("simla.keywords", 1),
-                ("simla.keywords_per_head", 1), ("simla.codebook_images", 1), ("simla.codebook_iterations", 1)]
+                ("simla.keywords_per_head", 1), ("simla.codebook_images", 1), ("simla.codebook_iterations", 1),
+                ("eval.every", 1), ("eval.val_batches", 1)]
     for key, low in at_least:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -266,18 +293,20 @@ def _check_ranges(cfg: TrainConfig) -> None:
     if cfg.optim.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     if cfg.model.init is not None:
-        if cfg.run.objective == "simla":
-            raise ValueError("model.init starts a COSMOS model from weights; run.objective=simla builds its own")
         if not Path(cfg.model.init).is_file():
             raise ValueError(f"model.init: no checkpoint at {cfg.model.init}")
+    if cfg.eval.root is not None and not Path(cfg.eval.root).expanduser().is_dir():
+        raise ValueError(f"eval.root {cfg.eval.root} is not a directory")
+    if cfg.eval.sets is not None:
+        from cosmos_fast.eval.datasets import SUITE
+
+        known = [b.name for b in SUITE]
+        unknown = [s for s in cfg.eval.sets.split(",") if s not in known]
+        if cfg.eval.root is None or unknown:
+            raise ValueError(f"eval.sets chooses among the sets under eval.root ({', '.join(known)}); got "
+                             f"{cfg.eval.sets!r}" + ("" if cfg.eval.root else " without eval.root"))
     if cfg.data.source == "shapes" and cfg.data.image_size < 16:
         raise ValueError(f"data.image_size must be at least 16 for the built-in shapes, got {cfg.data.image_size}")
     if cfg.data.source == "shapes" and cfg.data.path:
         raise ValueError(f"data.path ({cfg.data.path!r}) is read only with data.source=webdataset")
-    from cosmos_fast.models import config as cosmos_config, simla_config
-
-    model = (simla_config if cfg.run.objective == "simla" else cosmos_config)(cfg.model.name)
-    for key in ("image_size",) if cfg.run.objective == "simla" else ("image_size", "local_size"):
-        if getattr(cfg.data, key) % model.patch_size:
-            raise ValueError(f"data.{key} must be a multiple of the patch size of model {cfg.model.name!r} "
-                             f"({model.patch_size}), got {getattr(cfg.data, key)}")
+    objectives.objective_class(cfg.run.objective).check_config(cfg)

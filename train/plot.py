@@ -1,5 +1,6 @@
-"""Training curves of a run as one PNG: the loss and its parts, the learning rate and the throughput, per step,
-from the run's ``metrics.jsonl`` (the trainer writes ``curves.png`` beside it at the end of every run).
+"""Training curves of a run as one PNG: the loss and its parts (and the validation loss), the learning rate, the
+throughput, and the held-out evaluation's R@1 / top-1 where the run logged one, per step, from the run's
+``metrics.jsonl`` (the trainer writes ``curves.png`` beside it at the end of every run).
 
 Usage: python train/plot.py RUN_DIR [--out PNG]
 """
@@ -11,13 +12,16 @@ import sys
 import warnings
 from pathlib import Path
 
-NOT_LOSSES = ("step", "lr", "samples_per_s")
+NOT_LOSSES = ("step", "lr", "samples_per_s", "param_norm")
+EVAL_PREFIX = "eval/"  # held-out metrics: eval/<model>/<set>/<metric>
+PLOTTED_EVAL = ("i2t_R@1", "t2i_R@1", "top1")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of ``metrics.jsonl`` in step order, one per step. A resumed run appends to the file and logs
-    again the steps after its checkpoint; the later record of a step is the one the run continued from. A line
-    that is no record (torn by a kill mid-write, edited by hand) is left out with one warning naming it."""
+    """The records of ``metrics.jsonl`` in step order, one per step: a step's records merged (the training record
+    and an evaluation's), a later value of a key replacing an earlier one (a resumed run logs again the steps after
+    its checkpoint: the later record is the one the run continued from). A line that is no record (torn by a kill
+    mid-write, edited by hand) is left out with one warning naming it."""
     by_step, broken = {}, []
     for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
@@ -30,7 +34,7 @@ def read_metrics(path: Path) -> list[dict]:
         if not isinstance(record, dict) or "step" not in record:
             broken.append(f"{path}:{number}: a record without 'step'")
             continue
-        by_step[record["step"]] = record
+        by_step[record["step"]] = {**by_step.get(record["step"], {}), **record}
     if broken:
         warnings.warn(f"{len(broken)} line(s) left out: {broken[0]}{' ...' if len(broken) > 1 else ''}",
                       stacklevel=2)
@@ -50,18 +54,29 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     if not records:
         return None
     steps = [r["step"] for r in records]
-    losses = [k for k in records[-1] if k not in NOT_LOSSES]
-    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [2, 1, 1]})
-    for name in losses:
-        ax_loss.plot(steps, [r.get(name, float("nan")) for r in records], label=name,
-                     linewidth=2 if name == "loss" else 1)
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    losses = [k for k in keys if k not in NOT_LOSSES and not k.startswith(EVAL_PREFIX)]
+    evals = [k for k in keys if k.startswith(EVAL_PREFIX) and k.rsplit("/", 1)[-1] in PLOTTED_EVAL]
+    panels = 4 if evals else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), gridspec_kw={"width_ratios": [2] + [1] * (panels - 1)})
+    ax_loss, ax_lr, ax_speed = axes[:3]
+    for name in losses:  # the validation loss is logged at evaluations only: markers join its points
+        points = [(s, r[name]) for s, r in zip(steps, records) if name in r]
+        ax_loss.plot(*zip(*points), label=name, linewidth=2 if name == "loss" else 1,
+                     marker="o" if name == "val_loss" else None)
     ax_loss.set(xlabel="step", ylabel="loss", title="loss and its parts")
     ax_loss.legend(fontsize=8)
     ax_lr.plot(steps, [r.get("lr", float("nan")) for r in records])
     ax_lr.set(xlabel="step", title="learning rate")
     ax_speed.plot(steps, [r.get("samples_per_s", float("nan")) for r in records])
     ax_speed.set(xlabel="step", title="samples/s (running mean)")
-    for ax in (ax_loss, ax_lr, ax_speed):
+    if evals:
+        for name in evals:
+            points = [(s, r[name]) for s, r in zip(steps, records) if name in r]
+            axes[3].plot(*zip(*points), marker="o", label=name[len(EVAL_PREFIX):])
+        axes[3].set(xlabel="step", ylabel="%", title="held-out evaluation")
+        axes[3].legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(str(Path(metrics_path).parent))
     fig.tight_layout()

@@ -3,10 +3,11 @@
 Usage: python train/train.py [--config train/configs/tiny-cpu.yaml] [section.key=value ...]
        torchrun --nproc-per-node N train/train.py ...   (DDP, or FSDP2 with run.fsdp=true)
 
-Student forward on 2 global + 6 local crops and 8 captions, teacher (EMA copy) forward on the 2 global crops
-and the 2 global captions, CosmosLoss (or the CLIP or PSD loss), AdamW, temperature clamp, EMA update; a JSONL
-log and a progress bar; zero-shot retrieval and classification on the held-out split at the end (shapes).
-run.objective=simla trains SIMLA instead (train/simla.py), through the same loop.
+Each step: the objective's loss on a batch (COSMOS by default: the student on 2 global + 6 local crops and 8
+captions, the EMA teacher on the 2 global crops and captions; train/objectives/ holds cosmos, clip, psd, siglip
+and simla), backward, AdamW, temperature clamp, EMA update of the teacher; a JSONL log and a progress bar;
+checkpoints that never replace a good one with a diverged one; zero-shot retrieval and classification on the
+held-out split at the end (shapes).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -38,22 +38,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoints  # noqa: E402
 import config as config_lib  # noqa: E402
+import evaluation  # noqa: E402
+import objectives  # noqa: E402
 import plot as plot_lib  # noqa: E402
-import simla as simla_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
-from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views, to_model_input  # noqa: E402
+from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views  # noqa: E402
 from cosmos_fast.data.shards import UnusableShardsError, check_shard, resolve_shards, shard_stream  # noqa: E402
-from cosmos_fast.data.synthetic import COLORS  # noqa: E402
-from cosmos_fast.distributed import all_gather_no_grad, all_gather_with_grad, world  # noqa: E402
-from cosmos_fast.eval import (class_embeddings, classification_accuracy, encode_images, encode_texts,  # noqa: E402
-                              retrieval_recall)
-from cosmos_fast.eval.zero_shot import load_checkpoint  # noqa: E402
-from cosmos_fast.models import (CosmosModel, Tokenizer, config_for_weights, load_weights,  # noqa: E402
-                                state_dict_from_checkpoint, upstream_weight_decay)
-from cosmos_fast.models import config as model_config  # noqa: E402
-from cosmos_fast.ops.contrastive.reference import (contrastive_loss_reference,  # noqa: E402
-                                                   multiview_contrastive_loss_reference)
+from cosmos_fast.distributed import world  # noqa: E402
+from cosmos_fast.models import CosmosModel, Tokenizer, load_weights, upstream_weight_decay  # noqa: E402
 
 # full (unsharded) state dicts on the CPU: a checkpoint loads into any world size, with or without FSDP
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -72,12 +65,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-# Prompt ensemble for the shapes' class names, worded as the captions are: the class shape's own sentence, and
-# the raw caption in every colour (the class's colour varies: the average over colours leaves the shape).
-SHAPE_TEMPLATES = ("the large shape is a {}", "a picture of a {}") + tuple(
-    f"a picture of {'an' if c[0] in 'aeiou' else 'a'} {c} {{}}" for c in COLORS)
 
 
 class Collate:
@@ -119,98 +106,6 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_embeddings(teacher, crops, captions, gather):
-    """The EMA teacher's normalised embeddings of crops [G, B, 3, S, S] and captions [C, B, L]: ([G, B', E],
-    [C, B', E]), B' = B, or the whole batch where ``gather`` collects the ranks' rows (dim 1)."""
-    (G, B), C = crops.shape[:2], captions.shape[0]
-    image = F.normalize(teacher.module.encode_image(crops.flatten(0, 1))[0], dim=-1).view(G, B, -1)
-    text = F.normalize(teacher.module.encode_text(captions.flatten(0, 1))[0], dim=-1).view(C, B, -1)
-    return gather(image, dim=1), gather(text, dim=1)
-
-
-def losses(model, teacher, loss_fn, global_crops, local_crops, captions, step, micro_step, cfg):
-    """(loss to backpropagate, {name: detached part}) of the configured objective on this rank's rows.
-
-    kernels=fused: cosmos_fast's losses score the local rows against the gathered columns. kernels=reference:
-    upstream's computation, full N x N logits per view pair and F.cross_entropy, on the whole batch gathered with
-    its gradient; each rank then holds the global loss, and after DDP's averaging the towers get the exact global
-    gradient, as the fused path does. (Upstream gathers without gradient, so there its towers get 1/world_size
-    of it and only the temperatures the whole: the two agree on one process, not under DDP.)
-    """
-    if cfg.run.objective == "simla":  # one image (the first global crop) and one caption per sample
-        return loss_fn(model, teacher, global_crops[0], captions[0], step)
-    reference = cfg.run.kernels == "reference"
-    if cfg.run.objective == "cosmos":
-        out = model(global_crops, local_crops, captions, mask_padding=cfg.model.mask_padding,
-                    reference_attention=reference)
-    else:  # the towers alone: both global crops and every caption, the view pairs of COSMOS's CLIP term
-        out = model(global_crops, local_crops[:0], captions, cross_attention=False)
-    if reference:
-        out = {k: all_gather_with_grad(v, dim=1) if v.ndim == 3 else v for k, v in out.items()}
-    image, text, scale = out["image"], out["text"], out["logit_scale"]
-    if cfg.run.objective == "clip":
-        loss = (multiview_contrastive_loss_reference if reference else cosmos_fast.multiview_contrastive_loss)(
-            image, text, scale)
-        return loss, {}
-    gather = all_gather_no_grad if reference else (lambda x, dim: x)
-    if cfg.run.objective == "psd":  # PSD's soft targets on each of clip's view pairs: the same compute as clip
-        ramp = cfg.psd.ramp_steps or cfg.run.steps
-        alpha = cfg.psd.alpha_max * min(1.0, step / ramp)
-        # the soft subset of the whole global batch, from (seed, micro-step): any number of ranks draws the same
-        n, (rank, size) = image.shape[1], world()
-        draw = torch.rand(n if reference else n * size, generator=torch.Generator().manual_seed(
-            cfg.run.seed * 1_000_003 + micro_step))
-        soft_mask = (draw < cfg.psd.subset).to(image.device)
-        if not reference:
-            soft_mask = soft_mask[rank * n:(rank + 1) * n]
-        # targets softened by a detached similarity: the student's own (at half its temperature) or the teacher's
-        if cfg.psd.source == "self":
-            source_image, source_text, source_scale = image.detach(), text.detach(), 2 * scale.detach()
-        else:
-            source_image, source_text = teacher_embeddings(teacher, global_crops, captions, gather)
-            source_scale = teacher.module.logit_scale.exp()
-        contrastive = contrastive_loss_reference if reference else cosmos_fast.contrastive_loss
-        pairs = [(p, q) for p in range(image.shape[0]) for q in range(text.shape[0])]
-        loss = sum(contrastive(image[p], text[q], scale, teacher=(source_image[p], source_text[q], source_scale),
-                               alpha=alpha, soft_mask=soft_mask) for p, q in pairs) / len(pairs)
-        return loss, {"alpha": torch.tensor(alpha)}
-    t_image, t_text = teacher_embeddings(teacher, global_crops, captions[:2], gather)
-    if reference:
-        distill = out["distill_logit_scale"]
-        clip = multiview_contrastive_loss_reference(image[:2], text, scale)
-        cosmos = sum(multiview_contrastive_loss_reference(x, t, distill)
-                     for x in (out["cross_image"], out["cross_text"]) for t in (t_image, t_text)) / 4
-    else:
-        clip, cosmos = loss_fn(image[:2], text, out["cross_image"], out["cross_text"], t_image, t_text, scale,
-                               out["distill_logit_scale"])[1:]
-    return clip + cosmos, {"clip": clip.detach(), "cosmos": cosmos.detach()}
-
-
-def build_cosmos(cfg) -> tuple[CosmosModel, dict | None]:
-    """The student of config ``model.name`` at the data's sizes; with ``model.init``, holding those weights (any
-    layout: upstream COSMOS, open_clip, this trainer's), at their image size and context length (other crop sizes
-    interpolate the position embeddings), beside the teacher's weights where the checkpoint has them."""
-    name, interpolation = cfg.model.name, cfg.model.pos_embed_interpolation
-    if cfg.model.init is None:
-        return CosmosModel(model_config(name, image_size=cfg.data.image_size, context_length=cfg.data.context_length,
-                                        pos_embed_interpolation=interpolation)), None
-    try:
-        checkpoint = load_checkpoint(cfg.model.init)
-        student = state_dict_from_checkpoint(checkpoint, "student")
-        model = CosmosModel(dataclasses.replace(config_for_weights(student, name),
-                                                pos_embed_interpolation=interpolation))
-        if cfg.data.context_length > model.config.context_length:
-            raise ValueError(f"data.context_length {cfg.data.context_length} exceeds the weights' "
-                             f"{model.config.context_length} text positions")
-        load_weights(model, student)
-        teacher = state_dict_from_checkpoint(checkpoint, "teacher") if "teacher" in checkpoint else None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise config_lib.ConfigError(f"model.init {cfg.model.init}: {exc.args[0] if isinstance(exc, KeyError) else exc}"
-                                     ) from exc
-    return model, teacher
-
-
-@torch.no_grad()
 def update_teacher(teacher: cosmos_fast.EMATeacher, student: torch.nn.Module, step: int, cfg) -> None:
     """t <- m t + (1 - m) s over all parameters. fused: EMATeacher's one multi-tensor pass (under FSDP the same
     kernel on the local shards, sharded alike); reference: upstream's per-tensor loop. The model's buffers are
@@ -229,16 +124,20 @@ def update_teacher(teacher: cosmos_fast.EMATeacher, student: torch.nn.Module, st
 
 
 def shard(model: CosmosModel, teacher_side: bool) -> None:
-    """FSDP2: each transformer block, then the rest. The two scalar temperatures stay replicated (fully_shard
-    shards no 0-d parameter; their gradients are averaged by hand). The encode_* methods get FSDP's hooks too.
-    The teacher reshards after every forward (nothing to backpropagate); the student's root keeps its
+    """FSDP2: each transformer block, then the rest. The scalar temperatures (and logit biases) stay replicated
+    (fully_shard shards no 0-d parameter; their gradients are averaged by hand). The encode_* methods get FSDP's
+    hooks too. The teacher reshards after every forward (nothing to backpropagate); the student's root keeps its
     parameters gathered for the backward, as FSDP2 does by default."""
     for block in list(model.visual.blocks) + list(model.text.transformer.resblocks):
         fully_shard(block)
-    fully_shard(model, ignored_params={model.logit_scale, model.distill_logit_scale},
-                reshard_after_forward=True if teacher_side else None)
+    fully_shard(model, ignored_params=scalar_parameters(model), reshard_after_forward=True if teacher_side else None)
     for name in ("encode_image", "encode_text"):
         register_fsdp_forward_method(model, name)
+
+
+def scalar_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The 0-d parameters (temperatures, logit biases): replicated under FSDP."""
+    return {p for p in model.parameters() if p.ndim == 0}
 
 
 def prepare_towers(student: CosmosModel, teacher: cosmos_fast.EMATeacher, cfg) -> None:
@@ -262,15 +161,15 @@ def gradient_sync(model, enabled: bool):
     return contextlib.nullcontext()
 
 
-def check_shards(path: str) -> list[str]:
-    """Before anything trains: the shards ``data.path`` names (a directory, a glob or a brace pattern) exist, and
+def check_shards(path: str, key: str = "data.path") -> list[str]:
+    """Before anything trains: the shards ``path`` names (a directory, a glob or a brace pattern) exist, and
     the first is a readable tar holding an image. Returns them."""
     try:
         shards = resolve_shards(path)
         if not shards[0].startswith("pipe:") and "://" not in shards[0]:
             check_shard(shards[0])
     except (FileNotFoundError, ValueError) as exc:
-        raise config_lib.ConfigError(f"data.path: {exc}") from exc
+        raise config_lib.ConfigError(f"{key}: {exc}") from exc
     return shards
 
 
@@ -365,22 +264,6 @@ def tensorboard_writer_class(cfg):
         raise config_lib.ConfigError("run.tensorboard=true needs the tensorboard package: pip install "
                                      "tensorboard") from exc
     return SummaryWriter
-
-
-@torch.no_grad()
-def evaluate(model: CosmosModel, tokenizer: Tokenizer, cfg, device) -> dict[str, float]:
-    """Zero-shot retrieval (image vs its full description) and shape classification on the held-out split."""
-    model.eval()
-    dataset = ShapesDataset("heldout", size=cfg.data.eval_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
-    samples = [dataset[i] for i in range(len(dataset))]
-    image_emb = encode_images(model, [s["image"] for s in samples], transform=to_model_input(), device=device)
-    text_emb = encode_texts(model, tokenizer, [s["long_captions"][0] for s in samples], device=device)
-    metrics = retrieval_recall(image_emb, text_emb, torch.arange(len(samples)))
-    classes = class_embeddings(lambda texts: encode_texts(model, tokenizer, texts, device=device),
-                               ShapesDataset.classes, templates=SHAPE_TEMPLATES)
-    metrics.update(classification_accuracy(image_emb, torch.tensor([s["label"] for s in samples]), classes))
-    model.train()
-    return metrics
 
 
 # Settings a checkpoint cannot be resumed under: the weights would not load, or the saved data position and
@@ -498,13 +381,16 @@ def train(cfg, resume: bool) -> int:
     check_out_dir(out_dir)
     summary_writer = tensorboard_writer_class(cfg)
 
+    objective = objectives.build(cfg).to(device)
     tokenizer = Tokenizer(cfg.data.context_length)
-    # only COSMOS trains on the local crops: the other objectives' samples skip drawing them
+    # samples draw only the local crops the objective's loss takes (COSMOS's 6; none for the others)
     transform = CosmosTransform(tokenizer, cfg.data.image_size, cfg.data.local_size,
-                                n_local=6 if cfg.run.objective == "cosmos" else 0, seed=cfg.run.seed)
+                                n_local=objective.local_crops, seed=cfg.run.seed)
     collate = Collate(transform, seeded=cfg.data.source == "shapes")
     if cfg.data.source == "webdataset":
         shards = check_shards(cfg.data.path)
+    if cfg.data.val_path is not None:
+        check_shards(cfg.data.val_path, key="data.val_path")
     else:
         train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size,
                                   seed=cfg.run.seed)
@@ -512,14 +398,14 @@ def train(cfg, resume: bool) -> int:
             raise config_lib.ConfigError(f"the dataset has {len(train_set)} samples, fewer than one batch "
                                          f"({cfg.data.batch_size})")
 
-    if cfg.run.objective == "simla":  # its visual-token codebook is fitted on training images before the EMA copy
-        images = (shard_batches(shards, collate, cfg, 0) if cfg.data.source == "webdataset"
-                  else batches(train_set, collate, cfg, 0, 0))
-        raw = simla_lib.build_model(cfg, (batch["global"][0] for _, _, batch in images)).to(device)
-        teacher_weights = None
-    else:
-        raw, teacher_weights = build_cosmos(cfg)
-        raw = raw.to(device)
+    # the model, before the EMA copy (SIMLA fits its visual-token codebook on training images here)
+    images = (batch["global"][0] for _, _, batch in (shard_batches(shards, collate, cfg, 0) if cfg.data.source ==
+                                                      "webdataset" else batches(train_set, collate, cfg, 0, 0)))
+    try:
+        raw, teacher_weights = objective.build_model(images)
+    except objectives.ObjectiveError as exc:
+        raise config_lib.ConfigError(str(exc)) from exc
+    raw = raw.to(device)
     teacher = cosmos_fast.EMATeacher(raw, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
                                      final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
     if teacher_weights is not None:
@@ -528,9 +414,6 @@ def train(cfg, resume: bool) -> int:
         shard(raw, teacher_side=False)
         shard(teacher.module, teacher_side=True)
     prepare_towers(raw, teacher, cfg)
-    # SIMLA's loss holds the momentum feature queues: its state is checkpointed
-    loss_fn = (simla_lib.SIMLALoss(raw.config.embed_dim, cfg).to(device) if cfg.run.objective == "simla"
-               else cosmos_fast.nn.CosmosLoss())
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -542,16 +425,15 @@ def train(cfg, resume: bool) -> int:
         set_model_state_dict(raw, state["model"], options=StateDictOptions(full_state_dict=True))
         set_model_state_dict(teacher, state["teacher"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        loss_fn.load_state_dict(state.get("loss_state", {}))
+        objective.load_state_dict(state.get("loss_state", {}))  # SIMLA's queues
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         first_step, epoch, position = state["step"], state["epoch"], state["position"]
     model = raw
     if size > 1 and not cfg.run.fsdp:
-        # the clip and psd objectives leave the cross-attention poolers out of the loss
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=cfg.run.objective != "cosmos")
+                                        find_unused_parameters=not objective.uses_all_parameters)
     if cfg.data.source == "webdataset":
         stream = shard_batches(shards, collate, cfg, position)
     else:
@@ -564,6 +446,10 @@ def train(cfg, resume: bool) -> int:
             raise config_lib.ConfigError(f"run.out_dir {out_dir}: {exc.strerror or exc}") from exc
         log = open_log(out_dir / "metrics.jsonl", resume)
         writer = summary_writer(str(out_dir / "tensorboard")) if summary_writer else None
+    held_out = evaluation.HeldOut(cfg, tokenizer, collate, objective, autocast, device)
+    if rank == 0 and not held_out.configured:
+        print("no held-out evaluation is configured for webdataset data: set data.val_path (a validation loss) "
+              "and/or eval.root (the paper's benchmarks)", file=sys.stderr)
     guard = checkpoints.DivergenceGuard()
     guard.start(checkpoints.parameter_norm([local(p) for p in raw.parameters()], sharded=cfg.run.fsdp))
     good_step = first_step if resume else None  # the step of the checkpoint on disk
@@ -581,12 +467,10 @@ def train(cfg, resume: bool) -> int:
             logged = {}
             for micro in range(cfg.optim.accumulate):
                 epoch, position, batch = next(stream)
-                global_crops, local_crops, captions = (batch[k].to(device, non_blocking=True)
-                                                       for k in ("global", "local", "captions"))
+                batch = {k: batch[k].to(device, non_blocking=True) for k in ("global", "local", "captions")}
                 with gradient_sync(model, micro == cfg.optim.accumulate - 1):
                     with autocast:
-                        loss, parts = losses(model, teacher, loss_fn, global_crops, local_crops, captions, step,
-                                             step * cfg.optim.accumulate + micro, cfg)
+                        loss, parts = objective(model, teacher, batch, step, step * cfg.optim.accumulate + micro)
                     # a stop signal to any rank rides along with the loss: every rank then stops at the same step
                     values = mean_over_ranks(torch.stack([loss.detach().float(), *(p.float().to(device)
                                                                                    for p in parts.values()),
@@ -600,8 +484,8 @@ def train(cfg, resume: bool) -> int:
                     scaler.scale(loss / cfg.optim.accumulate).backward()
                 for name, value in zip(["loss", *parts], values.tolist()):
                     logged[name] = logged.get(name, 0.0) + value / cfg.optim.accumulate
-            if cfg.run.fsdp:  # the replicated temperatures: FSDP leaves their gradients to us
-                for p in (raw.logit_scale, raw.distill_logit_scale):
+            if cfg.run.fsdp:  # the replicated temperatures and biases: FSDP leaves their gradients to us
+                for p in scalar_parameters(raw):
                     if p.grad is not None:
                         p.grad.copy_(mean_over_ranks(p.grad))
             if cfg.optim.clip_grad:
@@ -649,7 +533,7 @@ def train(cfg, resume: bool) -> int:
                 state = {"model": get_model_state_dict(raw, options=FULL_STATE),
                          "teacher": get_model_state_dict(teacher, options=FULL_STATE),
                          "optimizer": get_optimizer_state_dict(raw, optimizer, options=FULL_STATE),
-                         "loss_state": loss_fn.state_dict(),
+                         "loss_state": objective.state_dict(),
                          "scaler": scaler.state_dict(), "step": step + 1, "epoch": epoch, "position": position + 1,
                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                          "config": dataclasses.asdict(cfg)}  # plain values: loads without train/ on the path
@@ -657,6 +541,8 @@ def train(cfg, resume: bool) -> int:
                     checkpoints.save_checkpoint(checkpoint_path, state, good_step,
                                                 keep_previous=good_step is not None)
                 good_step = step + 1
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                log_evaluation(held_out(raw, teacher, step), step, log, writer)
             if stop_requested:
                 if rank == 0:
                     print(f"stopped after step {step + 1} (signal); continue with --resume", file=sys.stderr)
@@ -665,6 +551,10 @@ def train(cfg, resume: bool) -> int:
                 if rank == 0:
                     print(f"stopped after step {step + 1} (run.stop_at); continue with --resume")
                 return 0
+        # the run is complete: its held-out evaluation, logged with the last step, reported, kept in eval.json
+        results = held_out(raw, teacher, cfg.run.steps - 1) if held_out.configured else None
+        if results is not None:
+            log_evaluation(results, cfg.run.steps - 1, log, writer)
     finally:  # the curves so far, whether the run ended, stopped or failed (write_curves never raises)
         stop.restore()
         if rank == 0:
@@ -672,21 +562,26 @@ def train(cfg, resume: bool) -> int:
             write_curves(out_dir)
         if writer is not None:
             writer.close()
-    if cfg.data.source != "shapes":
-        return 0  # the built-in zero-shot evaluation is on the shapes' held-out split
-    # every rank evaluates (under FSDP the forward is collective); rank 0 reports
-    metrics = {"student": evaluate(raw, tokenizer, cfg, device),
-               "teacher": evaluate(teacher.module, tokenizer, cfg, device)}
-    if rank != 0:
-        return 0
-    chance = {"R@1": 100 / cfg.data.eval_size, "top1": 100 / len(ShapesDataset.classes)}
-    print(f"\nheld-out zero-shot ({cfg.data.eval_size} images; chance R@1 {chance['R@1']:.1f}%, "
-          f"top-1 {chance['top1']:.0f}%)")
-    print(f"{'':10}" + "".join(f"{k:>10}" for k in metrics["student"]))
-    for who, m in metrics.items():
-        print(f"{who:10}" + "".join(f"{v:10.1f}" for v in m.values()))
-    (out_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "chance": chance}, indent=2) + "\n")
+    if rank == 0 and results is not None:
+        chance = evaluation.chance_levels(held_out)
+        evaluation.print_report(results, chance)
+        (out_dir / "eval.json").write_text(json.dumps({"step": cfg.run.steps, "metrics": {
+            k: results[k] for k in ("student", "teacher")}, "val_loss": results.get("val_loss"), "chance": chance},
+            indent=2) + "\n")
     return 0
+
+
+def log_evaluation(results: dict, step: int, log, writer) -> None:
+    """One metrics.jsonl record (the step's, with val_loss and eval/<model>/<set>/<metric> keys) and the same
+    TensorBoard scalars, on rank 0."""
+    if log is None:
+        return
+    record = evaluation.flat_record(results)
+    log.write(json.dumps({"step": step, **record}) + "\n")
+    log.flush()
+    if writer is not None:
+        for name, value in record.items():
+            writer.add_scalar(name, value, step)
 
 
 def kept(step: int | None) -> str:

@@ -1,23 +1,24 @@
-"""SIMLA in the reference trainer (run.objective=simla, ``psd_simla.md``): the model with its visual-token
-codebook, and one training step's logic: caption and patch masking, the momentum model's targets, the alpha
-ramp, the momentum feature queues. The losses themselves are computed by ``SIMLAModel.forward`` on the kernels.
+"""SIMLA (run.objective=simla, ``psd_simla.md``): the model with its visual-token codebook, and one training
+step's logic: caption and patch masking, the momentum model's targets, the alpha ramp, the momentum feature
+queues. The losses themselves are computed by ``SIMLAModel.forward`` on the kernels.
 
-The trainer's loop stays as it is: it takes the one image and caption SIMLA uses from each sample (the first
-global crop and the first global caption), updates the momentum model with its EMA step (teacher.momentum; the
-paper's m = 0.995) and checkpoints ``SIMLALoss.state_dict()`` (the two queues) beside the momentum model, so a
-resumed run continues exactly. Under DDP the queues gather every rank's momentum features; the ITM hard
-negatives are drawn among the rank's own rows.
+It takes the one image and caption SIMLA uses from each sample (the first global crop and the first global
+caption); the trainer updates the momentum model with its EMA step (teacher.momentum; the paper's m = 0.995) and
+checkpoints this objective's state (the two queues) beside the momentum model, so a resumed run continues
+exactly. Under DDP the queues gather every rank's momentum features; the ITM hard negatives are drawn among the
+rank's own rows.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from cosmos_fast.models.simla import (END_ID, SIMLAModel, block_patch_mask, mask_text_tokens, padding_mask,
                                       simla_config)
 from cosmos_fast.nn import FeatureQueue
+
+from . import Objective as Base
 
 
 def build_model(cfg, image_batches: Iterable[torch.Tensor]) -> SIMLAModel:
@@ -45,28 +46,45 @@ def trim_captions(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, : int((~padding_mask(ids)).sum(dim=1).max())]
 
 
-class SIMLALoss(nn.Module):
-    """One SIMLA step's loss: ``forward(model, teacher, images [B, 3, S, S], ids [B, L], step)`` -> (sum of the
-    five losses, {name: detached 0-d part, "alpha"}), after which the momentum features join the queues.
+class Objective(Base):
+    """One SIMLA step's loss: the sum of the five losses on the first global crop and caption of each sample,
+    {name: detached 0-d part, "alpha"}, after which the momentum features join the queues.
 
-    ``model`` is the student (DDP-wrapped or not), ``teacher`` the ``EMATeacher`` of it. Alpha ramps linearly
-    from 0 to ``simla.alpha`` over ``simla.alpha_ramp_steps`` (default: one epoch of the training set), as in
-    ALBEF/SIMLA's first epoch. Masks and ITM negatives draw from torch's RNG (restored on resume).
+    Alpha ramps linearly from 0 to ``simla.alpha`` over ``simla.alpha_ramp_steps`` (default: one epoch of the
+    training set), as in ALBEF/SIMLA's first epoch. Masks and ITM negatives draw from torch's RNG (restored on
+    resume).
     """
 
-    def __init__(self, embed_dim: int, cfg):
-        super().__init__()
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.settings = cfg.simla
         self.ramp_steps = cfg.simla.alpha_ramp_steps or max(1, cfg.data.train_size // cfg.data.batch_size)
+        embed_dim = simla_config(cfg.model.name).embed_dim
         self.image_queue = FeatureQueue(embed_dim, cfg.simla.queue_size)
         self.text_queue = FeatureQueue(embed_dim, cfg.simla.queue_size)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.run.kernels != "fused" or cfg.run.fsdp or cfg.run.compile or cfg.run.grad_checkpointing:
+            raise ValueError("run.objective=simla runs on the fused kernels, eager, without FSDP or gradient "
+                             "checkpointing (run.kernels=fused, run.fsdp=false, run.compile=false, "
+                             "run.grad_checkpointing=false)")
+        if cfg.model.init is not None:
+            raise ValueError("model.init starts a COSMOS model from weights; run.objective=simla builds its own")
+        patch = simla_config(cfg.model.name).patch_size
+        if cfg.data.image_size % patch:
+            raise ValueError(f"data.image_size must be a multiple of the patch size of model {cfg.model.name!r} "
+                             f"({patch}), got {cfg.data.image_size}")
+
+    def build_model(self, image_batches):
+        return build_model(self.cfg, image_batches), None
 
     def alpha_at(self, step: int) -> float:
         return self.settings.alpha * min(1.0, step / self.ramp_steps)
 
-    def forward(self, model, teacher, images: torch.Tensor, ids: torch.Tensor, step: int):
+    def forward(self, model, teacher, batch, step, micro_step):
         settings, momentum_model = self.settings, teacher.module
-        ids = trim_captions(ids)
+        images, ids = batch["global"][0], trim_captions(batch["captions"][0])
         masked_ids, chosen = mask_text_tokens(ids, settings.mlm_probability)
         grid = momentum_model.config.image_size // momentum_model.config.patch_size
         patch_mask = block_patch_mask(ids.shape[0], grid, round(settings.image_mask_ratio * grid * grid),
