@@ -25,7 +25,7 @@ def run_script(name: str, results: Path, *args: str, **env: str) -> subprocess.C
 
 
 def test_every_benchmark_has_a_smoke_test():
-    assert SCRIPTS == ["contrastive", "cross_attention", "ema", "fused_linear", "sigmoid", "train_step"]
+    assert SCRIPTS == ["contrastive", "cross_attention", "ema", "fused_linear", "segmentation", "sigmoid", "train_step"]
 
 
 # options beyond --smoke that a script's smoke run also takes, so that their code paths run here too

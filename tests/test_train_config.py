@@ -21,7 +21,7 @@ def test_default_config_and_overrides():
     (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
     (["optimizer.lr=1"], "unknown config section 'optimizer'"),
     (["run.steps=many"], "config key 'run.steps' takes int"),
-    (["run.objective=simclr"], "run.objective must be cosmos, clip, psd or simla"),
+    (["run.objective=simclr"], "run.objective must be one of clip, cosmos, psd, siglip, simla"),
     (["psd.source=moco"], "psd.source must be self or ema"),
     (["data.source=webdataset"], "needs data.path"),
     (["steps=3"], "must look like section.key=value"),

@@ -8,21 +8,26 @@ import contextlib
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from cosmos_fast.data import ShapesDataset, to_model_input
 from cosmos_fast.data.shards import shard_stream
-from cosmos_fast.data.synthetic import COLORS
+from cosmos_fast.data.synthetic import COLORS, SEGMENTATION_CLASSES
 from cosmos_fast.distributed import world
 from cosmos_fast.eval import class_embeddings, classification_accuracy, encode_images, encode_texts, retrieval_recall
 from cosmos_fast.eval.datasets import SUITE, DatasetMissing
+from cosmos_fast.eval.segmentation import ConfusionMatrix, SegmentationSettings, ZeroShotSegmenter
 from cosmos_fast.eval.zero_shot import RetrievalSet
 
 # Prompt ensemble for the shapes' class names, worded as the captions are: the class shape's own sentence, and
 # the raw caption in every colour (the class's colour varies: the average over colours leaves the shape).
 SHAPE_TEMPLATES = ("the large shape is a {}", "a picture of a {}") + tuple(
     f"a picture of {'an' if c[0] in 'aeiou' else 'a'} {c} {{}}" for c in COLORS)
+# the segmentation queries' templates: the names as the captions use them ("the background is white", "a red
+# circle")
+SHAPE_SEG_TEMPLATES = ("{}", "the {}", "a picture of {}")
 
 
 @contextlib.contextmanager
@@ -100,6 +105,8 @@ class HeldOut:
         return results
 
     def shapes_metrics(self, model) -> dict[str, float]:
+        """Retrieval of each image's full description, shape classification, and zero-shot segmentation of the
+        masks (background and the shape classes; one window over the whole image)."""
         image_emb = encode_images(model, [s["image"] for s in self.shapes], transform=to_model_input(),
                                   device=self.device)
         text_emb = self.encode_texts(model, [s["long_captions"][0] for s in self.shapes])
@@ -107,6 +114,17 @@ class HeldOut:
         classes = class_embeddings(lambda texts: self.encode_texts(model, texts), ShapesDataset.classes,
                                    templates=SHAPE_TEMPLATES)
         metrics.update(classification_accuracy(image_emb, torch.tensor([s["label"] for s in self.shapes]), classes))
+        size = self.cfg.data.image_size
+        segmenter = ZeroShotSegmenter(model, self.tokenizer, SEGMENTATION_CLASSES, templates=list(SHAPE_SEG_TEMPLATES),
+                                      settings=SegmentationSettings(short_side=size), crop=size, stride=size,
+                                      batch_size=self.cfg.data.batch_size, device=self.device)
+        confusion = ConfusionMatrix(len(SEGMENTATION_CLASSES))
+        for start in range(0, len(self.shapes), self.cfg.data.batch_size):
+            batch = self.shapes[start:start + self.cfg.data.batch_size]
+            for sample, prediction in zip(batch, segmenter.predict([s["image"] for s in batch])):
+                confusion.update(prediction, torch.from_numpy(np.array(sample["mask"], dtype=np.int64)))
+        segmentation = confusion.metrics()
+        metrics.update(mIoU=segmentation["mIoU"], aAcc=segmentation["aAcc"])
         return metrics
 
     def benchmark_metrics(self, model, data) -> dict[str, float]:
@@ -159,7 +177,7 @@ def print_report(results: dict, chance: dict) -> None:
     """One table per set (student and teacher rows), then the validation loss."""
     for name in results["student"]:
         columns = list(results["student"][name])
-        hint = ", ".join(f"{k} {v:.2g}%" for k, v in chance.get(name, {}).items())
+        hint = ", ".join(f"{k} {v:.3g}%" for k, v in chance.get(name, {}).items())
         print(f"\nheld-out {name}" + (f" (chance {hint})" if hint else ""))
         print(f"{'':10}" + "".join(f"{k:>10}" for k in columns))
         for which in ("student", "teacher"):
@@ -170,8 +188,13 @@ def print_report(results: dict, chance: dict) -> None:
 
 def chance_levels(held_out: HeldOut) -> dict[str, dict[str, float]]:
     chance = {}
-    if held_out.cfg.data.source == "shapes":
-        chance["shapes"] = {"R@1": 100 / held_out.cfg.data.eval_size, "top1": 100 / len(ShapesDataset.classes)}
+    if held_out.cfg.data.source == "shapes":  # and, for segmentation, predicting background everywhere
+        background = ConfusionMatrix(len(SEGMENTATION_CLASSES))
+        for sample in held_out.shapes:
+            mask = torch.from_numpy(np.array(sample["mask"], dtype=np.int64))
+            background.update(torch.zeros_like(mask), mask)
+        chance["shapes"] = {"R@1": 100 / held_out.cfg.data.eval_size, "top1": 100 / len(ShapesDataset.classes),
+                            "mIoU_all_background": background.metrics()["mIoU"]}
     for name, data in held_out.sets.items():
         chance[name] = ({"R@1": 100 / len(data.images)} if isinstance(data, RetrievalSet)
                         else {"top1": 100 / len(data.class_names)})

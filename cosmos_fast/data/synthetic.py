@@ -22,6 +22,9 @@ SPLITS = {"train": 0, "heldout": 1}
 MAIN_EXTENT = (0.65, 0.9)
 DISTRACTOR_EXTENT = (0.15, 0.25)
 MAX_DISTRACTORS = 2
+# per-pixel classes of the masks, each with its text queries (zero-shot segmentation of the held-out split)
+SEGMENTATION_CLASSES = [["background", "white background", "gray background", "black background"]] + [
+    [shape, f"a {shape}"] for shape in SHAPES]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -53,7 +56,9 @@ def _position(cx: float, cy: float, size: int) -> str:
 
 
 class ShapesDataset:
-    """``len(ds)`` samples of ``{"key", "image" (PIL RGB), "raw_caption", "long_captions", "label"}``.
+    """``len(ds)`` samples of ``{"key", "image" (PIL RGB), "raw_caption", "long_captions", "label", "mask"}``:
+    ``label`` the class shape's index, ``mask`` a PIL "L" image of per-pixel classes, 0 for the background and
+    1 + the shape's index for every shape drawn (``SEGMENTATION_CLASSES``).
 
     Args:
         split: "train" or "heldout" (disjoint random streams).
@@ -79,12 +84,14 @@ class ShapesDataset:
         s = self.image_size
         background = rng.choice(list(BACKGROUNDS))
         image = Image.new("RGB", (s, s), BACKGROUNDS[background])
-        draw = ImageDraw.Draw(image)
+        mask = Image.new("L", (s, s), 0)
+        draw, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
         main_shape, main_color = rng.choice(SHAPES), rng.choice(list(COLORS))
         extent = rng.uniform(*MAIN_EXTENT) * s
         x0, y0 = rng.uniform(0, s - extent), rng.uniform(0, s - extent)
         main_box = (x0, y0, x0 + extent, y0 + extent)
         _draw(draw, main_shape, tuple(map(int, main_box)), COLORS[main_color])
+        _draw(draw_mask, main_shape, tuple(map(int, main_box)), 1 + SHAPES.index(main_shape))
         distractors = []
         for _ in range(rng.randint(0, MAX_DISTRACTORS)):
             # beside the class shape, never over it (a few tries; none fits: one distractor fewer), so its
@@ -95,6 +102,7 @@ class ShapesDataset:
                 if box[2] <= main_box[0] or box[0] >= main_box[2] or box[3] <= main_box[1] or box[1] >= main_box[3]:
                     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
                     _draw(draw, shape, tuple(map(int, box)), COLORS[color])
+                    _draw(draw_mask, shape, tuple(map(int, box)), 1 + SHAPES.index(shape))
                     distractors.append((shape, color, _position(x + e / 2, y + e / 2, s)))
                     break
         # shape alone, colour and place in sentences of their own: a one-sentence text crop often names just
@@ -109,4 +117,5 @@ class ShapesDataset:
             "raw_caption": f"a picture of {_a(main_color)} {main_shape}",
             "long_captions": [". ".join(sentences) + "."],
             "label": SHAPES.index(main_shape),
+            "mask": mask,
         }

@@ -1,5 +1,6 @@
-"""Zero-shot evaluation of a checkpoint, student and teacher: the COSMOS paper's retrieval and classification
-benchmarks (``--suite paper``: every set present under a root, in the paper's order), or single sets.
+"""Zero-shot evaluation of a checkpoint, student and teacher: the COSMOS paper's retrieval, classification and
+open-vocabulary segmentation benchmarks (``--suite paper``: every set present under a root, in the paper's order),
+or single sets.
 
 Usage:
     python -m cosmos_fast.eval --checkpoint CKPT --suite paper --root DATA_ROOT [--json results.json]
@@ -7,6 +8,7 @@ Usage:
     python -m cosmos_fast.eval --checkpoint CKPT --coco DATA_ROOT/coco --flickr flickr30k_test.json
     python -m cosmos_fast.eval --checkpoint CKPT --imagenet imagenet/data/val_images --imagefolder DIR
     python -m cosmos_fast.eval --checkpoint CKPT --karpathy dataset_coco.json --images ROOT --split test
+    python -m cosmos_fast.eval --checkpoint CKPT --which teacher --segmentation voc21 ade20k --root DATA_ROOT [--csa]
 CKPT: the trainer's checkpoint.pt, upstream COSMOS's ({epoch, student, teacher}), an open_clip CLIP state dict or
 a plain CosmosModel state dict; the model config is the checkpoint's, or found by the weights' sizes. Results:
 a table on stdout, --json (the suite: suite.json by default) and a bar chart beside it (.png).
@@ -22,6 +24,8 @@ import torch
 
 from ..models import Tokenizer, config_name_for_weights, state_dict_from_checkpoint
 from .datasets import SUITE, DatasetMissing, read_coco_captions, read_flickr_json, read_imagenet
+from .segmentation import (SEGMENTATION_SUITE, SegmentationSet, ZeroShotSegmenter, draw_examples,
+                           evaluate_segmentation, generic_set, read_names_file)
 from .metrics import (OPENAI_TEMPLATES_SHORT, class_embeddings, classification_accuracy, invalid_templates,
                       retrieval_recall)
 from .zero_shot import (RetrievalSet, encode_images, encode_texts, load_checkpoint, load_model,
@@ -54,6 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--flickr", help="flickr30k_test.json (FLAIR's / upstream's format)")
     parser.add_argument("--imagenet", help="ImageNet val images in wnid folders (DIR/n01440764/...)")
     parser.add_argument("--imagefolder", help="classification: DIR/<class>/<image>, class names from the folders")
+    parser.add_argument("--segmentation", nargs="+", metavar="NAME",
+                        help=f"zero-shot segmentation sets under --root: {' '.join(b.name for b in SEGMENTATION_SUITE)}"
+                             ", or 'generic' (--seg-images, --seg-labels, --seg-names)")
+    parser.add_argument("--seg-names", help="class names, one line per class, several separated by ', ' (SCLIP's "
+                                            "and upstream's cls_*.txt give their numbers); with several sets, a "
+                                            "folder of NAME.txt or cls_NAME.txt files")
+    parser.add_argument("--seg-images", help="generic segmentation: the images")
+    parser.add_argument("--seg-labels", help="generic segmentation: same-stem .png label maps (255 ignored)")
+    parser.add_argument("--csa", action="store_true", help="SCLIP's correlative self-attention in the last block")
+    parser.add_argument("--examples", type=int, default=4, help="segmentation examples drawn per set (PNG)")
     parser.add_argument("--templates", nargs="+", default=list(OPENAI_TEMPLATES_SHORT),
                         help="prompt templates for --imagefolder, '{}' marks the class name (default: 4 short "
                              "OpenAI prompts; the benchmarks bring their own)")
@@ -66,17 +80,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results here (and a bar chart beside it, .png)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    singles = ("coco", "flickr", "imagenet", "imagefolder", "karpathy")
+    singles = ("coco", "flickr", "imagenet", "imagefolder", "karpathy", "segmentation")
     if not args.suite and not any(getattr(args, k) for k in singles):
         parser.error("nothing to evaluate: give --suite paper --root DIR, or --coco, --flickr, --imagenet, "
-                     "--imagefolder, --karpathy")
+                     "--imagefolder, --karpathy, --segmentation")
+    seg_known = {b.name for b in SEGMENTATION_SUITE} | {"generic"}
+    if unknown_seg := sorted(set(args.segmentation or ()) - seg_known):
+        parser.error(f"--segmentation: unknown {unknown_seg} (known: {' '.join(sorted(seg_known))})")
+    if args.segmentation and set(args.segmentation) - {"generic"} and not args.root:
+        parser.error("--segmentation NAME needs --root, the directory the sets are under")
+    if "generic" in (args.segmentation or ()) and not (args.seg_images and args.seg_labels and args.seg_names):
+        parser.error("--segmentation generic needs --seg-images DIR, --seg-labels DIR and --seg-names FILE")
     if args.suite and not args.root:
         parser.error("--suite paper needs --root, the directory the benchmarks are under")
     if args.sets and not args.suite:
         parser.error("--sets chooses among the suite's benchmarks: give --suite paper --root DIR")
-    unknown = sorted(set(args.sets or ()) - {b.name for b in SUITE})
+    suite_names = [b.name for b in SUITE] + [b.name for b in SEGMENTATION_SUITE]
+    unknown = sorted(set(args.sets or ()) - set(suite_names))
     if unknown:
-        parser.error(f"--sets: unknown {unknown} (the suite's: {' '.join(b.name for b in SUITE)})")
+        parser.error(f"--sets: unknown {unknown} (the suite's: {' '.join(suite_names)})")
     if args.karpathy and not args.images:
         parser.error("--karpathy needs --images ROOT, the directory its image paths are relative to")
     if bad := invalid_templates(args.templates):
@@ -85,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.batch_size < 1 or args.workers < 0:
         parser.error("--batch-size must be at least 1 and --workers at least 0")
-    if args.suite and args.json is None:
-        args.json = "suite.json"
+    if (args.suite or args.segmentation) and args.json is None:
+        args.json = "suite.json" if args.suite else "segmentation.json"
     return args
 
 
@@ -127,14 +149,46 @@ def read_sets(args) -> tuple[dict, dict]:
         folder = read_imagefolder(args.imagefolder)
         folder.templates = args.templates
         sets["imagefolder"] = folder
+    wanted = list(args.segmentation or ())
+    if args.suite:
+        wanted += [b.name for b in SEGMENTATION_SUITE if not args.sets or b.name in args.sets]
+    for bench in SEGMENTATION_SUITE:
+        if bench.name in wanted:
+            try:
+                sets[bench.name] = bench.read(Path(args.root), segmentation_names(args.seg_names, bench.name))
+            except DatasetMissing as exc:
+                if bench.name in (args.segmentation or ()):
+                    raise
+                missing[bench.name] = str(exc)
+    if "generic" in wanted:
+        sets["generic"] = generic_set(args.seg_images, args.seg_labels, args.seg_names)
     return sets, missing
 
 
-def evaluate(model, tokenizer, sets: dict, args, device) -> dict[str, dict[str, float]]:
-    """{set: metrics} of one model: R@1/5/10 both ways for retrieval sets, top-1/5 for classification sets."""
+def segmentation_names(path: str | None, name: str) -> list[list[str]] | None:
+    """A set's class names from --seg-names: a file, or a folder holding NAME.txt / cls_NAME.txt (SCLIP's and
+    upstream's file names; cls_city_scapes.txt and cls_coco_stuff.txt included); None: the set's own."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return read_names_file(path)
+    aliases = {"cityscapes": "city_scapes", "coco_stuff164k": "coco_stuff"}
+    for candidate in (f"{name}.txt", f"cls_{name}.txt", f"cls_{aliases.get(name, name)}.txt"):
+        if (path / candidate).is_file():
+            return read_names_file(path / candidate)
+    return None
+
+
+def evaluate(model, tokenizer, sets: dict, args, device, which: str) -> dict[str, dict[str, float]]:
+    """{set: metrics} of one model: R@1/5/10 both ways for retrieval sets, top-1/5 for classification sets, mIoU,
+    aAcc and per-class IoU for segmentation sets (a PNG of examples beside the JSON)."""
     model = model.to(device)
     results = {}
     for name, data in sets.items():
+        if isinstance(data, SegmentationSet):
+            results[name] = segment(model, tokenizer, name, data, args, device, which)
+            continue
         options = {"batch_size": args.batch_size, "device": device, "progress": not args.no_progress}
         image_emb = encode_images(model, data.images, workers=args.workers, desc=f"{name} images", **options)
         if isinstance(data, RetrievalSet):
@@ -148,13 +202,29 @@ def evaluate(model, tokenizer, sets: dict, args, device) -> dict[str, dict[str, 
     return results
 
 
+def segment(model, tokenizer, name: str, data: SegmentationSet, args, device, which: str) -> dict:
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    segmenter = ZeroShotSegmenter(model, tokenizer, data.class_names, settings=data.settings, csa=args.csa,
+                                  batch_size=args.batch_size, device=device, autocast_dtype=autocast)
+    metrics, examples = evaluate_segmentation(segmenter, data, progress=not args.no_progress,
+                                              desc=f"{name} ({which})", keep=args.examples)
+    if args.json and examples:
+        path = Path(args.json).with_name(f"{Path(args.json).stem}-{name}-{which}.png")
+        draw_examples(path, examples, data.class_names, data.palette,
+                      f"{name}, {which}: mIoU {metrics['mIoU']:.1f}" + (" (CSA)" if args.csa else ""))
+        print(f"wrote {path}")
+    return metrics
+
+
 def columns(sets: dict) -> list[tuple[str, str, str]]:
     """(set, metric, heading) of the table, in the paper's order: R@1 both ways per retrieval set, top-1 per
-    classification set."""
+    classification set, mIoU per segmentation set."""
     out = []
     for name, data in sets.items():
         if isinstance(data, RetrievalSet):
             out += [(name, "i2t_R@1", f"{name} I2T"), (name, "t2i_R@1", f"{name} T2I")]
+        elif isinstance(data, SegmentationSet):
+            out.append((name, "mIoU", f"{name} mIoU"))
         else:
             out.append((name, "top1", name))
     return out
@@ -183,7 +253,7 @@ def bar_chart(path: Path, results: dict, cols: list, title: str) -> Path | None:
         bars = ax.bar(xs, values, width, label=which)
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(cols)), [h for _, _, h in cols], rotation=30, ha="right")
-    ax.set_ylabel("R@1 / top-1 (%)")
+    ax.set_ylabel("R@1 / top-1 / mIoU (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.legend()
@@ -220,6 +290,10 @@ def main(argv=None) -> int:
     print(f"{source}: model {name}, {first.image_size} px, context {first.context_length}")
     chance = {}
     for set_name, data in sets.items():
+        if isinstance(data, SegmentationSet):
+            print(f"{set_name}: {len(data.images)} images, {len(data.class_names)} classes (shorter side "
+                  f"{data.settings.short_side}, logit scale {data.settings.logit_scale:g})")
+            continue
         if isinstance(data, RetrievalSet):
             chance[set_name] = {"R@1": 100 / len(data.images)}
             size = f"{len(data.captions)} captions (chance R@1 about {chance[set_name]['R@1']:.2g}%)"
@@ -228,15 +302,18 @@ def main(argv=None) -> int:
             size = (f"{len(data.class_names)} classes, {len(data.templates or args.templates)} templates (chance "
                     f"top-1 {chance[set_name]['top1']:.2g}%)")
         print(f"{set_name}: {len(data.images)} images, {size}")
-    results = {which: evaluate(model, Tokenizer(model.config.context_length), sets, args, device)
+    results = {which: evaluate(model, Tokenizer(model.config.context_length), sets, args, device, which)
                for which, model in models.items()}
     cols = columns(sets)
     print_table(results, cols)
     if args.json:
         path = Path(args.json)
-        record = {"source": source, "model": name, "sets": {
-            k: {"task": "retrieval" if isinstance(d, RetrievalSet) else "classification", "images": len(d.images)}
-            for k, d in sets.items()}, "missing": missing, "columns": [h for _, _, h in cols], "chance": chance,
+        def task(data):
+            return ("retrieval" if isinstance(data, RetrievalSet) else "segmentation"
+                    if isinstance(data, SegmentationSet) else "classification")
+
+        record = {"source": source, "model": name, "csa": args.csa, "sets": {
+            k: {"task": task(d), "images": len(d.images)} for k, d in sets.items()}, "missing": missing, "columns": [h for _, _, h in cols], "chance": chance,
             "metrics": results}
         if args.imagefolder:
             record["templates"] = args.templates
