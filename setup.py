@@ -49,7 +49,7 @@ setup(
         # the paper's ten classification sets: clip_benchmark's class names and prompt templates
         "eval": EVAL_REQUIRES,
         # triton ships with CUDA builds of torch; the CPU tests run its interpreter.
-        "dev": ["pytest>=8", "pytest-benchmark", "matplotlib", "triton>=3.2", "pybind11", "ninja", "tensorboard",
+        "dev": ["pytest>=8", "matplotlib", "triton>=3.2", "pybind11", "ninja", "tensorboard",
                 *TRAIN_REQUIRES, *EVAL_REQUIRES],
         # Peers measured side by side in benchmarks/ where they install.
         "peers": ["xformers", "inf-cl"],

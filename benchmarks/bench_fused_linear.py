@@ -7,8 +7,9 @@ with the momentum model's soft targets (alpha = 0.4):
 - "xmm-image": masked-patch CE, 768 -> 8192 (visual tokens) over the same rows and mask rate;
 - "psl": keyword BCE, 256 -> 30522 over 512 image embeddings, 5 keywords per row.
 Peers: the dense PyTorch loss (``reference.py`` in bf16: all N x V logits, as upstream), ``torch.compile`` of
-it, and Liger-Kernel's LigerFusedLinearCrossEntropyLoss (hard CE only; it has no soft targets or BCE) where it
-imports. Soft targets are teacher logits [N, V] for every implementation (upstream's layout). Before timing,
+it, PyTorch's own chunked ``torch.nn.functional.linear_cross_entropy`` (torch 2.13+, with
+``LinearCrossEntropyOptions``; hard CE) and Liger-Kernel's LigerFusedLinearCrossEntropyLoss (hard CE only; it has
+no soft targets or BCE) where they are there. Soft targets are teacher logits [N, V] for every implementation (upstream's layout). Before timing,
 cosmos_fast is checked against the float64 dense reference (loss and every gradient) on fewer rows; where that
 fails, cosmos_fast is not timed for that case, the peers still are, and the script exits with status 1.
 ``floor_ms`` is the bf16 matrix-product floor of the active rows' three products (logits, dX, dW) at
@@ -87,7 +88,16 @@ def liger_loss():
     return (lambda h, w, b, t, s: loss_fn(w, h, t, b)), None
 
 
-def implementations(kind, alpha, liger, smoke):
+def torch_chunked_loss():
+    """PyTorch's chunked linear cross-entropy with our argument order, or the reason it is not there."""
+    function = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if function is None or options is None:
+        return None, f"torch linear_cross_entropy skipped: torch {torch.__version__} has no chunked one (2.13+)"
+    return (lambda h, w, b, t, s: function(h, w, t, linear_bias=b, ignore_index=IGNORE, options=options())), None
+
+
+def implementations(kind, alpha, liger, smoke, torch_chunked=None):
     """(impl, loss) for every peer of one case and alpha (a smoke run leaves out the compiled peer: compiling
     costs minutes on a CPU)."""
     impls = [("cosmos_fast", ours(kind, alpha)), ("naive", naive(kind, alpha))]
@@ -95,6 +105,8 @@ def implementations(kind, alpha, liger, smoke):
         impls.append(("torch.compile naive", torch.compile(naive(kind, alpha), dynamic=False)))
     if liger is not None and kind == "ce" and alpha == 0.0 and DEVICE == "cuda":  # Triton kernels, no CPU path
         impls.append(("liger", liger))
+    if torch_chunked is not None and kind == "ce" and alpha == 0.0:
+        impls.append(("torch linear_cross_entropy", torch_chunked))
     return impls
 
 
@@ -178,7 +190,8 @@ def main():
     cases = SMOKE_CASES if args.smoke else {k: CASES[k] for k in QUICK_CASES} if args.quick else CASES
 
     liger, note = liger_loss()
-    notes = [note] if note else []
+    torch_chunked, torch_note = torch_chunked_loss()
+    notes = [n for n in (note, torch_note) if n]
     for line in notes:
         print(line)
     checks = run_checks(cases)
@@ -192,7 +205,7 @@ def main():
         kind, H, V, n_rows, _ = spec
         for alpha in ALPHAS:
             n_active = active_rows(spec, make_inputs(spec, n_rows, 0.0))
-            for impl, loss_fn in implementations(kind, alpha, liger, args.smoke):
+            for impl, loss_fn in implementations(kind, alpha, liger, args.smoke, torch_chunked):
                 row = {"case": case, "alpha": alpha, "impl": impl, "dtype": "bf16", "H": H, "V": V, "rows": n_rows,
                        "active_rows": n_active, "floor_ms": floor_ms(spec, n_active)}
                 if impl == "cosmos_fast" and (case, alpha) in failed_checks:

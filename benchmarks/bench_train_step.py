@@ -4,7 +4,7 @@ ViT-B/16 student and EMA teacher (``cosmos_fast.models`` config ``vit-b16``), 2 
 crops and 8 captions per sample (2 global of 1-5 sentences, 6 local of one, as cosmos.md's text crops; random
 sentences of 8-32 tokens, context 77), random data; one step = student forward, teacher forward on the
 global crops and captions, the COSMOS loss, backward, fused AdamW, temperature clamp, EMA update, all under
-bf16 autocast, exactly as ``train/train.py`` runs them (its ``losses`` and ``update_teacher``):
+bf16 autocast, exactly as ``train/train.py`` runs them (its COSMOS objective and ``update_teacher``):
 - ``reference``: ``run.kernels=reference``: per-pair full logit matrices and F.cross_entropy, nn.MultiheadAttention
   poolers, a per-tensor EMA loop (upstream COSMOS's way);
 - ``fused``: cosmos_fast's blockwise losses, fused poolers and one-pass EMA;
@@ -37,6 +37,7 @@ from common import (DEVICE, bar_plot, bench_args, device_name, failure_status, f
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 import config as config_lib  # noqa: E402
+import objectives  # noqa: E402
 import train as trainer  # noqa: E402
 
 import cosmos_fast  # noqa: E402
@@ -103,8 +104,8 @@ def agreement(steps: int, B: int, device: str = DEVICE, **model) -> dict:
         losses[kernels] = []
         for step, (global_crops, local_crops, captions) in enumerate(batches):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss, _ = trainer.losses(net, teacher, cosmos_fast.nn.CosmosLoss(), global_crops, local_crops,
-                                         captions, step, step, cfg)
+                loss, _ = objectives.build(cfg)(net, teacher, {"global": global_crops, "local": local_crops,
+                                                               "captions": captions}, step, step)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -123,7 +124,7 @@ def run_variant(variant: str, B: int, steps: int, warmup: int = 3, profile_steps
     net = CosmosModel(model_config(cfg.model.name, image_size=cfg.data.image_size, context_length=77)).to(DEVICE)
     teacher = cosmos_fast.EMATeacher(net, momentum=0.999)
     trainer.prepare_towers(net, teacher, cfg)
-    loss_fn = cosmos_fast.nn.CosmosLoss()
+    objective = objectives.build(cfg)
     optimizer = torch.optim.AdamW(trainer.param_groups(net, 0.5), lr=1e-4, betas=(0.9, 0.98),
                                   fused=DEVICE == "cuda")
     vocab = net.text.token_embedding.num_embeddings
@@ -135,7 +136,8 @@ def run_variant(variant: str, B: int, steps: int, warmup: int = 3, profile_steps
         global_crops, local_crops, captions = batches[step % len(batches)]
         record(0)
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):  # fp32 on CPU, as train.py
-            loss, _ = trainer.losses(net, teacher, loss_fn, global_crops, local_crops, captions, step, step, cfg)
+            loss, _ = objective(net, teacher, {"global": global_crops, "local": local_crops, "captions": captions},
+                                step, step)
         record(1)
         loss.backward()
         record(2)
