@@ -213,15 +213,18 @@ def check_shard(path: str) -> None:
 
 
 def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int = 0, seed: int = 0,
-                 handler: SkipCounter | None = None, caption_mode: str = "textcrop") -> wds.WebDataset:
+                 handler: SkipCounter | None = None, caption_mode: str = "textcrop",
+                 split_by_node: bool = True) -> wds.WebDataset:
     """Decoded samples (:func:`decode_sample`) of the shards at ``urls`` (brace patterns allowed), split over ranks
-    and DataLoader workers; ``resampled`` draws shards with replacement forever (each rank and worker its own
-    stream). Unusable samples and unreadable tar members go to ``handler`` (default: a new SkipCounter)."""
+    (unless ``split_by_node`` is False: every rank reads every shard) and DataLoader workers; ``resampled`` draws
+    shards with replacement forever (each rank and worker its own stream). Unusable samples and unreadable tar
+    members go to ``handler`` (default: a new SkipCounter)."""
     if caption_mode not in CAPTION_MODES:
         raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, got {caption_mode!r}")
     handler = handler or SkipCounter()
     pipeline = wds.WebDataset(urls, resampled=resampled, shardshuffle=100 if shuffle and not resampled else False,
-                              nodesplitter=None if resampled else wds.split_by_node, handler=handler, seed=seed,
+                              nodesplitter=wds.split_by_node if split_by_node and not resampled else None,
+                              handler=handler, seed=seed,
                               empty_check=False)
     if shuffle:
         pipeline = pipeline.shuffle(shuffle)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._validation import as_scalar_tensor, check_float_tensor, check_same_device, check_unit_interval
+from ..._validation import as_scalar_tensor, check_same_device, check_unit_interval
 from ...distributed import all_gather_no_grad, all_gather_with_grad, check_same_across_ranks, world
 from ..contrastive.functional import _check_extra, _check_pair
 from .op import sigmoid_pairs
