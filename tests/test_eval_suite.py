@@ -12,6 +12,7 @@ from cosmos_fast.eval import __main__ as cli
 from cosmos_fast.eval import class_embeddings, retrieval_recall
 from cosmos_fast.eval.datasets import (SUITE, DatasetMissing, imagenet_names_and_templates, read_coco_captions,
                                        read_flickr_json, read_imagenet, read_torchvision)
+from cosmos_fast.eval.segmentation import SEGMENTATION_SUITE
 from cosmos_fast.eval.zero_shot import load_open_clip_model
 from cosmos_fast.models import CosmosModel, Tokenizer, config
 
@@ -202,7 +203,8 @@ def test_suite_prints_the_table_writes_json_and_png_and_names_the_missing_sets(t
     assert any(line.startswith("student") for line in printed.splitlines())
     record = json.loads(out.read_text())
     assert list(record["sets"]) == ["coco", "dtd"] and record["columns"] == ["coco I2T", "coco T2I", "dtd"]
-    assert set(record["missing"]) == {b.name for b in SUITE} - {"coco", "dtd"}
+    # the paper's segmentation sets belong to the suite too
+    assert set(record["missing"]) == {b.name for b in SUITE + SEGMENTATION_SUITE} - {"coco", "dtd"}
     assert "cifar10" in record["missing"] and "cifar-10-batches-py" in record["missing"]["cifar10"]
     for which in ("student", "teacher"):
         assert set(record["metrics"][which]["coco"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}

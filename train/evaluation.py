@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from cosmos_fast.data import ShapesDataset, to_model_input
 from cosmos_fast.data.shards import shard_stream
@@ -28,6 +29,20 @@ SHAPE_TEMPLATES = ("the large shape is a {}", "a picture of a {}") + tuple(
 # the segmentation queries' templates: the names as the captions use them ("the background is white", "a red
 # circle")
 SHAPE_SEG_TEMPLATES = ("{}", "the {}", "a picture of {}")
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP2: every sharded part of ``model`` gathered for the duration, for code that calls a tower's
+    submodules directly rather than through a forward FSDP hooks (the segmenter's dense features)."""
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for part in parts:
+        part.unshard()
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.reshard()
 
 
 @contextlib.contextmanager
@@ -119,10 +134,11 @@ class HeldOut:
                                       settings=SegmentationSettings(short_side=size), crop=size, stride=size,
                                       batch_size=self.cfg.data.batch_size, device=self.device)
         confusion = ConfusionMatrix(len(SEGMENTATION_CLASSES))
-        for start in range(0, len(self.shapes), self.cfg.data.batch_size):
-            batch = self.shapes[start:start + self.cfg.data.batch_size]
-            for sample, prediction in zip(batch, segmenter.predict([s["image"] for s in batch])):
-                confusion.update(prediction, torch.from_numpy(np.array(sample["mask"], dtype=np.int64)))
+        with gathered(model):
+            for start in range(0, len(self.shapes), self.cfg.data.batch_size):
+                batch = self.shapes[start:start + self.cfg.data.batch_size]
+                for sample, prediction in zip(batch, segmenter.predict([s["image"] for s in batch])):
+                    confusion.update(prediction, torch.from_numpy(np.array(sample["mask"], dtype=np.int64)))
         segmentation = confusion.metrics()
         metrics.update(mIoU=segmentation["mIoU"], aAcc=segmentation["aAcc"])
         return metrics
