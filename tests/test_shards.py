@@ -67,7 +67,7 @@ def test_caption_files_and_missing_images(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "one.png")
     (tmp_path / "pairs.csv").write_text("image,caption\none.png,a black square\nmissing.png,gone\n")
     dataset = CaptionFileDataset(tmp_path / "pairs.csv")
-    assert dataset[0]["raw_caption"] == "a black square"
+    assert dataset[0]["captions"] == ["a black square"]
     with pytest.warns(UserWarning, match="skipped sample 'missing.png'"):
         assert dataset[1] is None
     assert dataset.skipped == 1

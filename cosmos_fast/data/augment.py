@@ -89,3 +89,29 @@ class MultiCrop:
         if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
             raise TypeError(f"image must be a PIL image or a uint8 tensor [3, H, W], got a {image.dtype} tensor")
         return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.n_local)]
+
+
+# ALBEF's RandomAugment op list, which SIMLA pre-trains with (dataset/__init__.py), as timm's RandAugment ops
+SIMLA_RANDAUGMENT_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+                         "TranslateX", "TranslateY", "Rotate")
+
+
+def _identity(image):
+    return image
+
+
+def simla_augmentation(size: int, randaugment: bool = True) -> T.Compose:
+    """SIMLA's pre-training augmentation: RandomResizedCrop(size, scale 0.2-1, bicubic), horizontal flip,
+    RandAugment with 2 ops of magnitude 7 (ALBEF's ten ops, each applied with probability 0.5: translation by
+    7 px, rotation by 21 degrees, shears of 0.21, enhancement factors 0.64 / 1.36, grey fill), CLIP normalisation.
+    PIL image -> float32 [3, size, size]. The ops draw from Python's and NumPy's global generators (timm's)."""
+    from timm.data.auto_augment import AugmentOp, RandAugment
+
+    ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+           T.RandomHorizontalFlip()]
+    if randaugment:
+        hparams = {"translate_const": 10, "img_mean": (128, 128, 128), "interpolation": Image.BILINEAR}
+        chosen = [_identity if name == "Identity" else AugmentOp(name, prob=0.5, magnitude=7, hparams=hparams)
+                  for name in SIMLA_RANDAUGMENT_OPS]
+        ops.append(RandAugment(chosen, num_layers=2))
+    return T.Compose(ops + [T.ToImage(), *_normalise()])

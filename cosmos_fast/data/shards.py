@@ -43,12 +43,16 @@ def captions_of(meta: dict) -> tuple[str, list[str]]:
 
 def caption_json(sample: dict, shard_format: str = "flair") -> dict:
     """A sample's caption JSON in upstream's ``shard_format``. A sample carrying ``"json"`` (upstream's fields
-    already) keeps it; ``{"raw_caption", "long_captions"}`` become FLAIR's presplit lists (the raw caption's
+    already) keeps it; ``{"raw_caption", "long_captions"}`` (or a caption file's ``{"captions"}``: the first as the
+    raw caption, the others as long ones) become FLAIR's presplit lists (the raw caption's
     sentences in ``raw_caption``, the long captions' in ``longIB_captions``, the other five fields empty) or
     PixelProse's ``original_caption`` and newline-joined ``caption``."""
     if "json" in sample:
         return sample["json"]
-    raw, longs = sample.get("raw_caption") or "", list(sample.get("long_captions", []))
+    if "captions" in sample:
+        raw, longs = sample["captions"][0], list(sample["captions"][1:])
+    else:
+        raw, longs = sample.get("raw_caption") or "", list(sample.get("long_captions", []))
     if shard_format == "pixelprose":
         return {"original_caption": raw, "caption": "\n".join(longs)}
     fields = {field: [] for field in FLAIR_CAPTION_FIELDS}
@@ -232,34 +236,70 @@ def shard_stream(urls: str | list[str], *, resampled: bool = False, shuffle: int
 
 
 class CaptionFileDataset(torch.utils.data.Dataset):
-    """(image path, caption(s)) rows of a CSV or JSONL file; paths relative to ``image_root``.
+    """(image path, caption(s)) rows of caption files; image paths relative to ``image_root`` (default: each
+    file's directory; absolute paths stay as they are).
 
-    CSV: columns ``image_column`` and ``caption_column``. JSONL: objects with ``image_column`` and either
-    ``caption_column`` or DreamLIP-style fields. An unreadable image is skipped: ``__getitem__`` warns with the
-    row's key and returns None (``collate_skip_none`` drops it) and ``skipped`` counts it (per process).
+    Formats, by content: a JSON **list** of objects (SIMLA's and ALBEF's pre-training files: ``{"image": path,
+    "caption": str or [str, ...]}``), JSON lines (one object per line: ``caption_column`` or DreamLIP-style fields),
+    or CSV (columns ``image_column`` and ``caption_column``). ``path`` may name several files (a list, or one
+    string with commas), read in order, as SIMLA's ``train_file`` list.
+
+    A sample is ``{"key", "image" (PIL RGB), "captions": [str, ...]}`` (the row's caption or captions) or, for a
+    DreamLIP-style row, ``{"key", "image", "raw_caption", "long_captions"}``. An unreadable image is skipped:
+    ``__getitem__`` warns with the row's key and returns None (the collate step drops it) and ``skipped`` counts
+    it (per process). A row without an image or with a caption that is not a string or a list of strings is an
+    error when the file is read, naming the file and row.
     """
 
-    def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                 image_column: str = "image", caption_column: str = "caption"):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"caption file {path} does not exist")
-        self.root = Path(image_root) if image_root is not None else path.parent
-        if path.suffix == ".csv":
+    def __init__(self, path, image_root: str | os.PathLike | None = None, image_column: str = "image",
+                 caption_column: str = "caption"):
+        paths = [Path(p) for p in (path.split(",") if isinstance(path, str) else
+                                   [path] if isinstance(path, os.PathLike) else path)]
+        if not paths:
+            raise ValueError("path must name at least one caption file")
+        self.rows, self.roots = [], []
+        self.image_column, self.caption_column = image_column, caption_column
+        for file in paths:
+            rows = self._read(file)
+            for number, row in enumerate(rows):
+                self._check_row(row, file, number)
+            self.rows += rows
+            self.roots += [Path(image_root) if image_root is not None else file.parent] * len(rows)
+        self.skipped = 0
+
+    @staticmethod
+    def _read(file: Path) -> list:
+        if not file.exists():
+            raise FileNotFoundError(f"caption file {file} does not exist")
+        if file.suffix == ".csv":
             import csv
 
-            with path.open(newline="") as f:
+            with file.open(newline="") as f:
                 rows = list(csv.DictReader(f))
-        elif path.suffix in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif file.suffix in (".jsonl", ".json"):
+            text = file.read_text()
+            try:
+                if text.lstrip().startswith("["):  # a JSON list (SIMLA, ALBEF)
+                    rows = json.loads(text)
+                else:
+                    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"caption file {file} is neither a JSON list nor JSON lines: {exc}") from exc
         else:
-            raise ValueError(f"caption file must be .csv or .jsonl, got {path.name}")
+            raise ValueError(f"caption file must be .json (a list or JSON lines), .jsonl or .csv, got {file.name}")
         if not rows:
-            raise ValueError(f"caption file {path} has no rows")
-        if image_column not in rows[0]:
-            raise ValueError(f"caption file {path} has no column {image_column!r} (has {sorted(rows[0])})")
-        self.rows, self.image_column, self.caption_column = rows, image_column, caption_column
-        self.skipped = 0
+            raise ValueError(f"caption file {file} has no rows")
+        return rows
+
+    def _check_row(self, row, file: Path, number: int) -> None:
+        if not isinstance(row, dict) or self.image_column not in row:
+            raise ValueError(f"caption file {file}, row {number}: expected an object with {self.image_column!r}, got "
+                             f"{row!r:.80}")
+        caption = row.get(self.caption_column)
+        if caption is not None and not (isinstance(caption, str) or (
+                isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption))):
+            raise ValueError(f"caption file {file}, row {number}: {self.caption_column!r} must be a string or a "
+                             f"non-empty list of strings, got {caption!r:.80}")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -268,16 +308,16 @@ class CaptionFileDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         key = str(row[self.image_column])
         try:
-            with Image.open(self.root / key) as image:
+            with Image.open(self.roots[index] / key) as image:
                 image = image.convert("RGB")
         except (OSError, ValueError) as exc:
             self.skipped += 1
             warnings.warn(f"skipped sample {key!r}: {exc}", stacklevel=2)
             return None
-        if self.caption_column in row:
-            raw, longs = row[self.caption_column], []
-        else:
-            raw, longs = captions_of(row)
+        caption = row.get(self.caption_column)
+        if caption is not None:
+            return {"key": key, "image": image, "captions": [caption] if isinstance(caption, str) else list(caption)}
+        raw, longs = captions_of(row)
         return {"key": key, "image": image, "raw_caption": raw, "long_captions": longs}
 
 
