@@ -33,12 +33,15 @@ def cuda_extension():
 ext_modules, cmdclass = cuda_extension()
 TRAIN_REQUIRES = ["torchvision", "timm>=1.0", "open_clip_torch>=2.24", "webdataset", "pillow", "matplotlib"]
 EVAL_REQUIRES = ["clip_benchmark>=1.6"]
+SIMLA_REQUIRES = ["transformers>=4.30", "tokenizers", "safetensors", "huggingface_hub"]
 
 setup(
     name="cosmos_fast",
     version="0.1.0",
     description="Fused kernels for vision-language self-distillation training (COSMOS, PSD, SIMLA)",
     packages=find_packages(include=["cosmos_fast", "cosmos_fast.*"]),
+    # the segmentation sets' class names, the tiny SIMLA model's WordPiece vocabulary
+    package_data={"cosmos_fast.eval": ["data/*.json"], "cosmos_fast.models": ["data/*/*.txt"]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -48,9 +51,11 @@ setup(
         "train": TRAIN_REQUIRES,
         # the paper's ten classification sets: clip_benchmark's class names and prompt templates
         "eval": EVAL_REQUIRES,
+        # SIMLA as its authors built it: BERT from transformers, WordPiece, bert-base-uncased / DeiT weights
+        "simla": SIMLA_REQUIRES,
         # triton ships with CUDA builds of torch; the CPU tests run its interpreter.
         "dev": ["pytest>=8", "matplotlib", "triton>=3.2", "pybind11", "ninja", "tensorboard",
-                *TRAIN_REQUIRES, *EVAL_REQUIRES],
+                *TRAIN_REQUIRES, *EVAL_REQUIRES, *SIMLA_REQUIRES],
         # Peers measured side by side in benchmarks/ where they install.
         "peers": ["xformers", "inf-cl"],
     },

@@ -60,6 +60,15 @@ class FeatureQueue(nn.Module):
         self.pointer.copy_((self.pointer + count) % self.size)
         self.filled.copy_(torch.clamp(self.filled + count, max=self.size))
 
+    @torch.no_grad()
+    def fill_random_(self, generator: torch.Generator | None = None) -> None:
+        """Every slot a random unit vector (ALBEF's and SIMLA's start: the queue is full from the first step).
+        Draws from ``generator`` (default: torch's); ranks seeded alike hold the same queue."""
+        features = torch.randn(self.size, self.dim, generator=generator, dtype=torch.float32)
+        self.queue.copy_(torch.nn.functional.normalize(features, dim=-1).to(self.queue))
+        self.pointer.zero_()
+        self.filled.fill_(self.size)
+
     @property
     def features(self) -> torch.Tensor:
         """The filled slots, [K, dim] (a view: clone it to keep it past the next ``enqueue``)."""
