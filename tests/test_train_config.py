@@ -48,7 +48,13 @@ def test_default_config_and_overrides():
     (["optim.lr=0"], "optim.lr must be > 0"),
     (["data.image_size=30"], "data.image_size must be a multiple of the patch size of model 'tiny' (8), got 30"),
     (["data.local_size=0"], "data.local_size must be at least 1"),
-    (["data.path=/data/shards"], "data.path ('/data/shards') is read only with data.source=webdataset"),
+    (["data.path=/data/shards"], "data.path ('/data/shards') is read only with data.source=webdataset or json"),
+    (["data.image_root=/data/images"], "data.image_root ('/data/images') is read only with data.source=webdataset"),
+    (["data.source=json"], "data.source=json needs data.path (caption files, comma-separated)"),
+    (["data.source=csv"], "data.source must be shapes, webdataset or json, got 'csv'"),
+    (["optim.min_lr=0.5"], "optim.min_lr must be in [0, optim.lr = 0.001], got 0.5"),
+    (["optim.warmup_lr=-1e-5"], "optim.warmup_lr must be in [0, optim.lr = 0.001], got -1e-05"),
+    (["run.objective=simla", "simla.visual_tokenizer=vqgan"], "simla.visual_tokenizer must be one of"),
 ])
 def test_bad_config_is_an_error(overrides, words):
     with pytest.raises(ValueError) as info:
@@ -102,4 +108,4 @@ def test_the_command_line_prints_a_refused_config_in_one_line():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "train.py: error: unknown config key 'optim.lrr' (known in this section: ['accumulate', 'betas', "
-        "'clip_grad', 'eps', 'lr', 'warmup_steps', 'weight_decay'])"]
+        "'clip_grad', 'eps', 'lr', 'min_lr', 'warmup_lr', 'warmup_steps', 'weight_decay'])"]

@@ -21,15 +21,18 @@ class ModelConfig:
     name: str = "tiny"  # a cosmos_fast.models config: tiny | vit-b16 | vit-b32 (simla: a SIMLA config, tiny | base)
     mask_padding: bool = True  # False: attend to caption padding as upstream COSMOS does
     # start from these weights (fine-tuning): an upstream COSMOS checkpoint (student and teacher), an open_clip
-    # CLIP state dict (the towers; the teacher starts as the student) or one of this trainer's checkpoints
+    # CLIP state dict (the towers; the teacher starts as the student) or one of this trainer's checkpoints;
+    # run.objective=simla: a released SIMLA checkpoint (student, momentum model and queues)
     init: str | None = None
     pos_embed_interpolation: str = "dino"  # other crop sizes' position embeddings: dino (upstream's) | timm
 
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes (built in) | webdataset
-    path: str | None = None  # webdataset shards: a brace pattern, e.g. /data/cc3m/{00000..00575}.tar
+    source: str = "shapes"  # shapes (built in) | webdataset | json (caption files: SIMLA's JSON lists, JSONL, CSV)
+    # webdataset shards: a brace pattern, e.g. /data/cc3m/{00000..00575}.tar; json: caption files, comma-separated
+    path: str | None = None
+    image_root: str | None = None  # json: the images' root (default: each caption file's directory)
     # webdataset captions: textcrop (upstream's pool of FLAIR's seven fields) | textcrop_pixelprose | sentences
     caption_mode: str = "textcrop"
     val_path: str | None = None  # held-out webdataset shards for the validation loss (eval section)
@@ -50,6 +53,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.5
     warmup_steps: int = 50
+    warmup_lr: float = 0.0  # the warm-up's first learning rate (it rises linearly to lr)
+    min_lr: float = 0.0  # the cosine's floor
     clip_grad: float | None = None  # max gradient norm
     accumulate: int = 1  # micro-batches per optimizer step (contrastive negatives come from each micro-batch)
 
@@ -96,8 +101,14 @@ class SIMLAConfig:
     image_mask_ratio: float = 75 / 256  # patches masked block-wise for XMM(image)
     keywords: int = 5  # PSL: caption tokens kept as keywords
     keywords_per_head: int = 4  # PSL: top positions of each head's [CLS] attention that vote
+    visual_tokenizer: str = "kmeans"  # kmeans (fitted on training images) | dvae (DALL-E's, SIMLA's: dvae_path)
+    dvae_path: str | None = None  # DALL-E's encoder.pkl (unpickling it needs pip install DALL-E)
     codebook_images: int = 512  # training images the visual-token k-means codebook is fitted on
     codebook_iterations: int = 10
+    randaugment: bool = True  # SIMLA's RandAugment(2, 7) after the crop and flip
+    tokenizer: str | None = None  # WordPiece vocabulary: a directory or HF name in the cache (default: the model's)
+    text_weights: str | None = None  # BERT to start from: bert-base-uncased (HF cache) or a save_pretrained dir
+    vision_weights: str | None = None  # DeiT to start from: a .pth/.safetensors file or a timm name in the HF cache
 
 
 @dataclass
@@ -242,17 +253,19 @@ def _load(path: str | Path | None, overrides: list[str]) -> TrainConfig:
     objectives.objective_class(cfg.run.objective)  # ValueError naming the objectives there are
     if cfg.psd.source not in ("self", "ema"):
         raise ValueError(f"psd.source must be self or ema, got {cfg.psd.source!r}")
-    if cfg.data.source not in ("shapes", "webdataset"):
-        raise ValueError(f"data.source must be shapes or webdataset, got {cfg.data.source!r}")
-    if cfg.data.source == "webdataset" and not cfg.data.path:
-        raise ValueError("data.source=webdataset needs data.path (a shard pattern)")
+    if cfg.data.source not in ("shapes", "webdataset", "json"):
+        raise ValueError(f"data.source must be shapes, webdataset or json, got {cfg.data.source!r}")
+    if cfg.data.source != "shapes" and not cfg.data.path:
+        raise ValueError(f"data.source={cfg.data.source} needs data.path (" + (
+            "a shard pattern)" if cfg.data.source == "webdataset" else "caption files, comma-separated)"))
     for key, value, allowed in (("run.precision", cfg.run.precision, ("auto", "bf16", "fp16", "fp32")),
                                 ("run.kernels", cfg.run.kernels, ("fused", "reference")),
                                 ("run.device", cfg.run.device, ("auto", "cpu", "cuda")),
                                 ("data.caption_mode", cfg.data.caption_mode, CAPTION_MODES),
                                 ("model.pos_embed_interpolation", cfg.model.pos_embed_interpolation, ("dino", "timm")),
                                 ("teacher.schedule", cfg.teacher.schedule, ("fixed", "cosine")),
-                                ("cosmos.loss", cfg.cosmos.loss, ("softmax", "sigmoid"))):
+                                ("cosmos.loss", cfg.cosmos.loss, ("softmax", "sigmoid")),
+                                ("simla.visual_tokenizer", cfg.simla.visual_tokenizer, ("kmeans", "dvae"))):
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     _check_ranges(cfg)
@@ -290,6 +303,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
                        ("optim.clip_grad", cfg.optim.clip_grad)):
         if value is not None and not value > 0:
             raise ValueError(f"{key} must be > 0, got {value}")
+    for key in ("warmup_lr", "min_lr"):
+        if not 0 <= getattr(cfg.optim, key) <= cfg.optim.lr:
+            raise ValueError(f"optim.{key} must be in [0, optim.lr = {cfg.optim.lr}], got {getattr(cfg.optim, key)}")
     if cfg.optim.weight_decay < 0:
         raise ValueError(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     if cfg.model.init is not None:
@@ -307,6 +323,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
                              f"{cfg.eval.sets!r}" + ("" if cfg.eval.root else " without eval.root"))
     if cfg.data.source == "shapes" and cfg.data.image_size < 16:
         raise ValueError(f"data.image_size must be at least 16 for the built-in shapes, got {cfg.data.image_size}")
-    if cfg.data.source == "shapes" and cfg.data.path:
-        raise ValueError(f"data.path ({cfg.data.path!r}) is read only with data.source=webdataset")
+    for key in ("path", "image_root"):
+        if cfg.data.source == "shapes" and getattr(cfg.data, key):
+            raise ValueError(f"data.{key} ({getattr(cfg.data, key)!r}) is read only with data.source=webdataset "
+                             "or json")
     objectives.objective_class(cfg.run.objective).check_config(cfg)

@@ -43,28 +43,32 @@ import objectives  # noqa: E402
 import plot as plot_lib  # noqa: E402
 
 import cosmos_fast  # noqa: E402
-from cosmos_fast.data import CosmosTransform, ShapesDataset, collate_views  # noqa: E402
-from cosmos_fast.data.shards import UnusableShardsError, check_shard, resolve_shards, shard_stream  # noqa: E402
+from cosmos_fast.data import ShapesDataset, collate_views  # noqa: E402
+from cosmos_fast.data.shards import (CaptionFileDataset, UnusableShardsError, check_shard, resolve_shards,  # noqa: E402
+                                     shard_stream)
 from cosmos_fast.distributed import world  # noqa: E402
-from cosmos_fast.models import CosmosModel, Tokenizer, load_weights, upstream_weight_decay  # noqa: E402
+from cosmos_fast.models import CosmosModel, upstream_weight_decay  # noqa: E402
 
 # full (unsharded) state dicts on the CPU: a checkpoint loads into any world size, with or without FSDP
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Upstream COSMOS's rule: no weight decay on gains, biases, temperatures and the class embedding (fewer than 2
-    dimensions, or ln/bn/bias/logit_scale in the name, judged on upstream's names and shapes)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decays=upstream_weight_decay) -> list[dict]:
+    """Two AdamW groups by ``decays(name, parameter)``: the objective's rule (default: upstream COSMOS's, no weight
+    decay on gains, biases, temperatures and the class embedding, judged on upstream's names and shapes)."""
     named = list(model.named_parameters())
-    decay = [p for name, p in named if upstream_weight_decay(name, p)]
-    no_decay = [p for name, p in named if not upstream_weight_decay(name, p)]
+    decay = [p for name, p in named if decays(name, p)]
+    no_decay = [p for name, p in named if not decays(name, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def learning_rate(step: int, optim, total: int) -> float:
+    """Linear warm-up from ``optim.warmup_lr`` to ``optim.lr`` over ``optim.warmup_steps``, then a cosine to
+    ``optim.min_lr`` at step ``total`` (per step; SIMLA's timm scheduler steps the cosine once per epoch)."""
+    if step < optim.warmup_steps:
+        return optim.warmup_lr + (optim.lr - optim.warmup_lr) * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Collate:
@@ -75,10 +79,12 @@ class Collate:
     Resampled webdataset streams repeat keys across epochs they do not count, so they draw from torch's RNG.
     """
 
-    def __init__(self, transform: CosmosTransform, seeded: bool):
+    def __init__(self, transform, seeded: bool):
         self.transform, self.seeded = transform, seeded
 
     def _one(self, sample):
+        if sample is None:  # a caption file's unreadable image: skipped (collate_views drops it)
+            return None
         if not self.seeded:
             return self.transform(sample)
         # the CPU generator alone (torchvision draws from it): torch.manual_seed would also reseed, and not restore,
@@ -177,6 +183,22 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[lis
     """The shuffled batches of one epoch: a function of (seed, epoch) alone, so a resumed run finds its place."""
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     return [order[i:i + batch_size] for i in range(0, size - batch_size + 1, batch_size)]
+
+
+def training_set(cfg):
+    """The map-style training data: the built-in shapes, or the caption files of ``data.path`` (data.source=json:
+    SIMLA's JSON lists and the other caption-file formats, images under ``data.image_root``)."""
+    if cfg.data.source == "json":
+        try:
+            dataset = CaptionFileDataset(cfg.data.path, cfg.data.image_root)
+        except (OSError, ValueError) as exc:
+            raise config_lib.ConfigError(f"data.path: {exc}") from exc
+    else:
+        dataset = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size, seed=cfg.run.seed)
+    if len(dataset) < cfg.data.batch_size:
+        raise config_lib.ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch "
+                                     f"({cfg.data.batch_size})")
+    return dataset
 
 
 def batches(dataset, collate, cfg, epoch: int, position: int):
@@ -382,21 +404,19 @@ def train(cfg, resume: bool) -> int:
     summary_writer = tensorboard_writer_class(cfg)
 
     objective = objectives.build(cfg).to(device)
-    tokenizer = Tokenizer(cfg.data.context_length)
-    # samples draw only the local crops the objective's loss takes (COSMOS's 6; none for the others)
-    transform = CosmosTransform(tokenizer, cfg.data.image_size, cfg.data.local_size,
-                                n_local=objective.local_crops, seed=cfg.run.seed)
-    collate = Collate(transform, seeded=cfg.data.source == "shapes")
-    if cfg.data.source == "webdataset":
-        shards = check_shards(cfg.data.path)
+    try:
+        tokenizer = objective.text_tokenizer()
+    except objectives.ObjectiveError as exc:
+        raise config_lib.ConfigError(str(exc)) from exc
+    # samples draw only the views the objective's loss takes (COSMOS's 2 global and 6 local crops; SIMLA's one)
+    collate = Collate(objective.sample_transform(tokenizer), seeded=cfg.data.source != "webdataset")
     if cfg.data.val_path is not None:
         check_shards(cfg.data.val_path, key="data.val_path")
+    if cfg.data.source == "webdataset":
+        shards = check_shards(cfg.data.path)
     else:
-        train_set = ShapesDataset("train", size=cfg.data.train_size, image_size=cfg.data.image_size,
-                                  seed=cfg.run.seed)
-        if len(train_set) < cfg.data.batch_size:
-            raise config_lib.ConfigError(f"the dataset has {len(train_set)} samples, fewer than one batch "
-                                         f"({cfg.data.batch_size})")
+        train_set = training_set(cfg)
+        objective.steps_per_epoch = len(train_set) // cfg.data.batch_size
 
     # the model, before the EMA copy (SIMLA fits its visual-token codebook on training images here)
     images = (batch["global"][0] for _, _, batch in (shard_batches(shards, collate, cfg, 0) if cfg.data.source ==
@@ -409,13 +429,13 @@ def train(cfg, resume: bool) -> int:
     teacher = cosmos_fast.EMATeacher(raw, momentum=cfg.teacher.momentum, schedule=cfg.teacher.schedule,
                                      final_momentum=cfg.teacher.final_momentum, total_steps=cfg.run.steps)
     if teacher_weights is not None:
-        load_weights(teacher.module, teacher_weights)
+        objective.load_teacher(teacher.module, teacher_weights)
     if cfg.run.fsdp:
         shard(raw, teacher_side=False)
         shard(teacher.module, teacher_side=True)
     prepare_towers(raw, teacher, cfg)
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay, objective.decays), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     first_step, epoch, position = 0, 0, 0
     checkpoint_path = out_dir / "checkpoint.pt"  # main() checked that it exists with --resume, or may be replaced
@@ -463,7 +483,7 @@ def train(cfg, resume: bool) -> int:
     try:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.run.steps)
+                group["lr"] = learning_rate(step, cfg.optim, cfg.run.steps)
             logged = {}
             for micro in range(cfg.optim.accumulate):
                 epoch, position, batch = next(stream)

@@ -1,7 +1,8 @@
 """Training objectives, one module each, behind one small interface (``Objective``).
 
-The trainer's loop knows only this interface: it asks the objective how many local crops a sample needs, which
-model to build, and for the loss of a batch. Adding an objective is one file here (``NAME.py`` defining
+The trainer's loop knows only this interface: it asks the objective how captions become ids and samples become
+examples, how many local crops a sample needs, which model to build, which parameters decay, and for the loss of
+a batch. Adding an objective is one file here (``NAME.py`` defining
 ``Objective``) and its config section, if it has settings: ``run.objective=NAME`` finds it.
 
 Every loss has two implementations, as ``run.kernels`` chooses: ``fused`` (cosmos_fast's kernels: each rank
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosmos_fast.data.pipeline import CosmosTransform
 from cosmos_fast.distributed import all_gather_no_grad, all_gather_with_grad
 from cosmos_fast.eval.zero_shot import load_checkpoint
-from cosmos_fast.models import CosmosModel, config_for_weights, load_weights, state_dict_from_checkpoint
+from cosmos_fast.models import (CosmosModel, Tokenizer, config_for_weights, load_weights, state_dict_from_checkpoint,
+                                upstream_weight_decay)
 from cosmos_fast.models import config as model_config
 
 
@@ -41,6 +44,7 @@ class Objective(nn.Module):
     """
 
     local_crops = 0  # local image crops per sample the loss takes (the pipeline draws no others)
+    steps_per_epoch: int | None = None  # set by the trainer from a map-style dataset (None: a stream)
     uses_all_parameters = True  # False: DDP must look for parameters the loss leaves out (the poolers)
     model_overrides: dict = {}  # CosmosConfig fields its model needs (the sigmoid losses' logit biases)
 
@@ -59,11 +63,31 @@ class Objective(nn.Module):
                 raise ValueError(f"data.{key} must be a multiple of the patch size of model {cfg.model.name!r} "
                                  f"({model.patch_size}), got {getattr(cfg.data, key)}")
 
+    def text_tokenizer(self):
+        """Captions -> int64 ids [n, data.context_length]. Default: open_clip's CLIP tokenizer."""
+        return Tokenizer(self.cfg.data.context_length)
+
+    def sample_transform(self, tokenizer):
+        """A raw sample -> a training example (``CosmosTransform``'s output form). Default: COSMOS's multi-crop
+        and text crops, with the local crops this objective takes."""
+        return CosmosTransform(tokenizer, self.cfg.data.image_size, self.cfg.data.local_size, n_local=self.local_crops,
+                               seed=self.cfg.run.seed)
+
+    def decays(self, name: str, parameter: torch.Tensor) -> bool:
+        """Whether AdamW's weight decay applies to the student's parameter ``name``. Default: upstream COSMOS's
+        rule (``upstream_weight_decay``)."""
+        return upstream_weight_decay(name, parameter)
+
     def build_model(self, image_batches) -> tuple[nn.Module, dict | None]:
         """The student, and the teacher's weights where ``model.init`` holds them (else None: the teacher starts as
         the student). ``image_batches`` iterates model-input image batches of the training data (SIMLA fits its
         codebook on them). Default: a CosmosModel (see :func:`build_cosmos`)."""
         return build_cosmos(self.cfg, **self.model_overrides)
+
+    def load_teacher(self, teacher: nn.Module, weights: dict) -> None:
+        """The teacher's weights that ``build_model`` returned, into the EMA copy. Default: any COSMOS layout
+        (``load_weights``)."""
+        load_weights(teacher, weights)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path's gather of [V, B, E] features along the rows, with gradient (the fused kernels
