@@ -9,9 +9,12 @@ Usage:
     python -m cosmos_fast.eval --checkpoint CKPT --imagenet imagenet/data/val_images --imagefolder DIR
     python -m cosmos_fast.eval --checkpoint CKPT --karpathy dataset_coco.json --images ROOT --split test
     python -m cosmos_fast.eval --checkpoint CKPT --which teacher --segmentation voc21 ade20k --root DATA_ROOT [--csa]
+    python -m cosmos_fast.eval --simla-retrieval --checkpoint SIMLA_CKPT --coco DATA_ROOT/coco [--k-test 256]
 CKPT: the trainer's checkpoint.pt, upstream COSMOS's ({epoch, student, teacher}), an open_clip CLIP state dict or
 a plain CosmosModel state dict; the model config is the checkpoint's, or found by the weights' sizes. Results:
 a table on stdout, --json (the suite: suite.json by default) and a bar chart beside it (.png).
+--simla-retrieval: a SIMLA checkpoint (this trainer's or SIMLA's released ``{"model": ...}``), evaluated as SIMLA
+reports retrieval: ITC top-k candidates re-ranked by the ITM head, WordPiece captions (--tokenizer).
 """
 from __future__ import annotations
 
@@ -74,6 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--karpathy", help="retrieval: a Karpathy-format JSON (dataset_coco.json, ...)")
     parser.add_argument("--images", help="the directory the --karpathy JSON's image paths are relative to")
     parser.add_argument("--split", default="test", help="the --karpathy split")
+    simla = parser.add_argument_group("SIMLA")
+    simla.add_argument("--simla-retrieval", action="store_true",
+                       help="SIMLA's retrieval (ITC top-k, ITM re-ranking) on the retrieval sets given")
+    simla.add_argument("--k-test", type=int, help="ITM candidates per query (default: 256 on COCO, 128 otherwise, "
+                       "as SIMLA's configs)")
+    simla.add_argument("--image-size", type=int, help="evaluate at this size (SIMLA: 384; default: the weights')")
+    simla.add_argument("--tokenizer", help="WordPiece vocabulary: a directory or a Hugging Face name in the local "
+                       "cache (default: the model config's, bert-base-uncased or the tiny one)")
+    simla.add_argument("--context-length", type=int, default=30, help="caption tokens (SIMLA's retrieval: 30)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="image-loading processes")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -107,6 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.batch_size < 1 or args.workers < 0:
         parser.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.simla_retrieval:
+        if args.open_clip or not args.checkpoint:
+            parser.error("--simla-retrieval evaluates a SIMLA --checkpoint")
+        if args.suite or args.imagenet or args.imagefolder or args.segmentation:
+            parser.error("--simla-retrieval runs retrieval sets only: --coco, --flickr, --karpathy")
+        if args.k_test is not None and args.k_test < 1:
+            parser.error("--k-test must be at least 1")
     if (args.suite or args.segmentation) and args.json is None:
         args.json = "suite.json" if args.suite else "segmentation.json"
     return args
@@ -274,6 +293,8 @@ def main(argv=None) -> int:
         print("not found, skipped: " + "; ".join(missing.values()))
     if not sets:
         raise DatasetMissing(f"none of the suite's benchmarks is under {args.root}: {'; '.join(missing.values())}")
+    if args.simla_retrieval:
+        return run_simla_retrieval(args, sets, device)
     if args.open_clip:
         which_models = args.which or ["student"]
         if which_models != ["student"]:
@@ -320,6 +341,40 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(record, indent=2) + "\n")
         chart = bar_chart(path.with_suffix(".png"), results, cols, f"zero-shot: {source}")
         print(f"wrote {path}" + (f" and {chart}" if chart else " (no chart: matplotlib is not installed)"))
+    return 0
+
+
+def run_simla_retrieval(args, sets: dict, device) -> int:
+    """SIMLA's ITM re-ranked retrieval of the checkpoint's student and momentum model on each retrieval set."""
+    from ..models.simla_text import CaptionTokenizer
+    from .simla_retrieval import load_simla_model, simla_retrieval
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    models = {which: load_simla_model(checkpoint, which, args.model, args.image_size).to(device)
+              for which in args.which or ["student", "teacher"]}
+    first = next(iter(models.values())).config
+    tokenizer = CaptionTokenizer(args.tokenizer or first.tokenizer, args.context_length)
+    if tokenizer.vocab_size != first.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {first.vocab_size}: give the "
+                         "model's vocabulary with --tokenizer")
+    print(f"checkpoint {args.checkpoint}: SIMLA {first.image_size} px, captions of {args.context_length} tokens")
+    results = {which: {} for which in models}
+    for set_name, data in sets.items():
+        k = args.k_test or (256 if set_name == "coco" else 128)
+        print(f"{set_name}: {len(data.images)} images, {len(data.captions)} captions, ITM over the top {k}")
+        for which, model in models.items():
+            results[which][set_name] = simla_retrieval(model, tokenizer, data.images, data.captions,
+                                                       data.caption_image, k, args.batch_size, device, args.workers,
+                                                       progress=not args.no_progress)
+    cols = columns(sets)
+    print_table(results, cols)
+    if args.json:
+        path = Path(args.json)
+        record = {"source": f"checkpoint {args.checkpoint}", "protocol": "SIMLA ITM re-ranked retrieval",
+                  "k_test": {n: args.k_test or (256 if n == "coco" else 128) for n in sets}, "metrics": results}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        chart = bar_chart(path.with_suffix(".png"), results, cols, f"SIMLA retrieval: {args.checkpoint}")
+        print(f"wrote {path}" + (f" and {chart}" if chart else ""))
     return 0
 
 

@@ -85,11 +85,40 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
         sim = text_emb[start:start + chunk] @ image_emb.t()
         target = sim.gather(1, text_image[start:start + sim.shape[0], None])
         t2i_rank[start:start + sim.shape[0]] = (sim > target).sum(dim=1)  # images ranked above the right one
+    return _recalls(i2t_rank, t2i_rank, ks)
+
+
+def _recalls(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, ks) -> dict[str, float]:
     metrics = {}
     for k in ks:
         metrics[f"i2t_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
         metrics[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
     return metrics
+
+
+@torch.no_grad()
+def recall_from_scores(i2t: torch.Tensor, t2i: torch.Tensor, text_image: torch.Tensor,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways from score matrices (re-ranked retrieval: SIMLA's ITM scores), with
+    :func:`retrieval_recall`'s rule: an image counts as found at k when its best-scored caption has fewer than k
+    captions scoring strictly higher; a caption when its image has. i2t [I, T], t2i [T, I] (-inf allowed:
+    candidates never scored); text_image [T] int64."""
+    for name, x, shape in (("i2t", i2t, None), ("t2i", t2i, tuple(i2t.shape[::-1]))):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"{name} must be a float matrix, got {getattr(x, 'dtype', type(x))}")
+        if shape is not None and tuple(x.shape) != shape:
+            raise ValueError(f"t2i must have shape {list(shape)} (i2t's transposed), got {tuple(x.shape)}")
+    _check_indexes("text_image", text_image, i2t.shape[1], i2t.shape[0], "image")
+    ks = _check_ks(ks)
+    text_image = text_image.long()
+    correct = text_image[None, :] == torch.arange(i2t.shape[0])[:, None]  # [I, T]
+    if not correct.any(dim=1).all():
+        raise ValueError("text_image gives no caption to some images; every image needs at least one")
+    best = i2t.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
+    i2t_rank = (i2t > best).sum(dim=1)
+    target = t2i.gather(1, text_image[:, None])
+    t2i_rank = (t2i > target).sum(dim=1)
+    return _recalls(i2t_rank, t2i_rank, ks)
 
 
 @torch.no_grad()

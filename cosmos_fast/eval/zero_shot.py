@@ -188,8 +188,8 @@ def load_model(checkpoint: dict, which: str = "student", name: str | None = None
     another resolution is evaluated as it was trained). In eval mode."""
     config_of_run = checkpoint.get("config")
     if isinstance(config_of_run, dict) and config_of_run.get("run", {}).get("objective") == "simla":
-        raise ValueError("this is a SIMLA checkpoint: the zero-shot evaluation here reads COSMOS models (the SIMLA "
-                         "trainer evaluates its own on the held-out split)")
+        raise ValueError("this is a SIMLA checkpoint: evaluate it with --simla-retrieval (SIMLA's ITM re-ranked "
+                         "retrieval); the other evaluations read COSMOS models")
     state = state_dict_from_checkpoint(checkpoint, which)
     model = CosmosModel(config_for_weights(state, name))
     load_weights(model, state)
