@@ -21,8 +21,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from common import (DEVICE, FEW_REPETITIONS, bench_args, device_name, exit_status, free_memory, measure, plot,
-                    print_table, require_device, save_results)
+from common import (DEVICE, FEW_REPETITIONS, bench_args, device_name, exit_status, free_memory, mark_goal, measure,
+                    plot, print_table, require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast.nn import CosmosLoss
@@ -192,13 +192,7 @@ def run_checks(check_n):
 
 
 def with_goal(row):
-    goal = GOALS.get((row["case"], row["N"]))
-    if goal is None or row["impl"] != "cosmos_fast":
-        return row
-    ms, gib = goal
-    row["goal"] = f"<= {ms:g} ms / {gib:g} GiB"
-    row["met"] = "yes" if row["status"] == "ok" and row["ms"] <= ms and row["peak_gib"] <= gib else "no"
-    return row
+    return row if row["impl"] != "cosmos_fast" else mark_goal(row, GOALS.get((row["case"], row["N"])))
 
 
 def main():

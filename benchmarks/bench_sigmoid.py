@@ -18,8 +18,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from common import (DEVICE, FEW_REPETITIONS, bench_args, device_name, exit_status, free_memory, measure, plot,
-                    print_table, require_device, save_results)
+from common import (DEVICE, FEW_REPETITIONS, bench_args, device_name, exit_status, free_memory, mark_goal, measure,
+                    plot, print_table, require_device, save_results)
 
 import cosmos_fast
 from cosmos_fast.ops.sigmoid.reference import sigmoid_loss_reference
@@ -111,13 +111,7 @@ def check(dtype, n):
 
 
 def with_goal(row):
-    goal = GOALS.get(row["N"])
-    if goal is None or row["impl"] != "cosmos_fast" or row["dtype"] != "bf16":
-        return row
-    ms, gib = goal
-    row["goal"] = f"<= {ms:g} ms / {gib:g} GiB"
-    row["met"] = "yes" if row["status"] == "ok" and row["ms"] <= ms and row["peak_gib"] <= gib else "no"
-    return row
+    return row if row["impl"] != "cosmos_fast" or row["dtype"] != "bf16" else mark_goal(row, GOALS.get(row["N"]))
 
 
 def main():

@@ -188,6 +188,15 @@ def measure(
     return {"ms": ms, "peak_gib": peak, "reps": n, "status": status}
 
 
+def mark_goal(row: dict[str, Any], goal: tuple[float, float] | None) -> dict[str, Any]:
+    """``row`` with "goal" and "met" (yes / no) added for a (ms, GiB) goal; as it was without one."""
+    if goal is not None:
+        ms, gib = goal
+        row["goal"] = f"<= {ms:g} ms / {gib:g} GiB"
+        row["met"] = "yes" if row["status"] == "ok" and row["ms"] <= ms and row["peak_gib"] <= gib else "no"
+    return row
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout, or $COSMOS_FAST_COMMIT where the tree travelled without .git (the GPU runner)."""
     if os.environ.get("COSMOS_FAST_COMMIT"):

@@ -76,9 +76,10 @@ def check_positive_number(name: str, value) -> float:
     return float(value)
 
 
-def as_scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d floating tensor from a positive real number or a one-element tensor (autograd kept). A tensor's value
-    must be finite and > 0 too: checked where reading it costs no GPU synchronisation (see ``may_read_values``)."""
+def as_scalar_tensor(name: str, value, like: torch.Tensor, positive: bool = True) -> torch.Tensor:
+    """A 0-d floating tensor from a real number or a one-element tensor (autograd kept). ``positive``: the value
+    must be finite and > 0 (a tensor's is checked where reading it costs no GPU synchronisation, see
+    ``may_read_values``); else any finite number (a logit bias), a tensor's value unchecked."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (a 0-d or one-element tensor), got shape {tuple(value.shape)}")
@@ -86,14 +87,18 @@ def as_scalar_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        if may_read_values(value):
+        if positive and may_read_values(value):
             number = float(value.detach().reshape(()))
             if not (math.isfinite(number) and number > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got a tensor holding {number!r}")
         return value.reshape(())
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if not positive:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a 0-d tensor or a finite real number, got {value!r}")
+        return torch.tensor(float(value), dtype=dtype, device=like.device)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a 0-d tensor or a positive real number, got {type(value).__name__}")
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     return torch.tensor(check_positive_number(name, value), dtype=dtype, device=like.device)
 
 

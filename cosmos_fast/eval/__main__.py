@@ -359,8 +359,9 @@ def run_simla_retrieval(args, sets: dict, device) -> int:
                          "model's vocabulary with --tokenizer")
     print(f"checkpoint {args.checkpoint}: SIMLA {first.image_size} px, captions of {args.context_length} tokens")
     results = {which: {} for which in models}
+    k_test = {name: args.k_test or (256 if name == "coco" else 128) for name in sets}  # SIMLA's configs
     for set_name, data in sets.items():
-        k = args.k_test or (256 if set_name == "coco" else 128)
+        k = k_test[set_name]
         print(f"{set_name}: {len(data.images)} images, {len(data.captions)} captions, ITM over the top {k}")
         for which, model in models.items():
             results[which][set_name] = simla_retrieval(model, tokenizer, data.images, data.captions,
@@ -371,7 +372,7 @@ def run_simla_retrieval(args, sets: dict, device) -> int:
     if args.json:
         path = Path(args.json)
         record = {"source": f"checkpoint {args.checkpoint}", "protocol": "SIMLA ITM re-ranked retrieval",
-                  "k_test": {n: args.k_test or (256 if n == "coco" else 128) for n in sets}, "metrics": results}
+                  "k_test": k_test, "metrics": results}
         path.write_text(json.dumps(record, indent=2) + "\n")
         chart = bar_chart(path.with_suffix(".png"), results, cols, f"SIMLA retrieval: {args.checkpoint}")
         print(f"wrote {path}" + (f" and {chart}" if chart else ""))

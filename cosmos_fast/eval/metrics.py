@@ -73,19 +73,26 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image
         raise ValueError(f"text_image gives no caption to {len(captionless)} of the {image_emb.shape[0]} images "
                          f"(first: image {int(captionless[0])}); every image needs at least one")
     image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
-    I = image_emb.shape[0]
-    i2t_rank = torch.empty(I, dtype=torch.long)
-    for start in range(0, I, chunk):  # [chunk, T] similarities at a time
-        sim = image_emb[start:start + chunk] @ text_emb.t()
-        correct = text_image[None, :] == torch.arange(start, start + sim.shape[0])[:, None]
-        best = sim.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values  # its best caption
-        i2t_rank[start:start + sim.shape[0]] = (sim > best).sum(dim=1)
-    t2i_rank = torch.empty(text_emb.shape[0], dtype=torch.long)
-    for start in range(0, text_emb.shape[0], chunk):
-        sim = text_emb[start:start + chunk] @ image_emb.t()
-        target = sim.gather(1, text_image[start:start + sim.shape[0], None])
-        t2i_rank[start:start + sim.shape[0]] = (sim > target).sum(dim=1)  # images ranked above the right one
+    # [chunk, T] and [chunk, I] similarities at a time
+    i2t_rank = torch.cat([_image_ranks(image_emb[start:start + chunk] @ text_emb.t(), text_image, start)
+                          for start in range(0, image_emb.shape[0], chunk)])
+    t2i_rank = torch.cat([_caption_ranks(text_emb[start:start + chunk] @ image_emb.t(), text_image[start:start + chunk])
+                          for start in range(0, text_emb.shape[0], chunk)])
     return _recalls(i2t_rank, t2i_rank, ks)
+
+
+def _image_ranks(scores: torch.Tensor, text_image: torch.Tensor, first: int) -> torch.Tensor:
+    """scores [i, T] of images first .. first + i - 1 against every caption -> [i]: per image, the captions
+    scoring strictly higher than its best-scored own caption."""
+    correct = text_image[None, :] == torch.arange(first, first + scores.shape[0])[:, None]
+    best = scores.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
+    return (scores > best).sum(dim=1)
+
+
+def _caption_ranks(scores: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
+    """scores [t, I] of captions against every image, caption_image [t] -> [t]: per caption, the images scoring
+    strictly higher than its own."""
+    return (scores > scores.gather(1, caption_image[:, None])).sum(dim=1)
 
 
 def _recalls(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, ks) -> dict[str, float]:
@@ -111,14 +118,9 @@ def recall_from_scores(i2t: torch.Tensor, t2i: torch.Tensor, text_image: torch.T
     _check_indexes("text_image", text_image, i2t.shape[1], i2t.shape[0], "image")
     ks = _check_ks(ks)
     text_image = text_image.long()
-    correct = text_image[None, :] == torch.arange(i2t.shape[0])[:, None]  # [I, T]
-    if not correct.any(dim=1).all():
+    if (torch.bincount(text_image, minlength=i2t.shape[0]) == 0).any():
         raise ValueError("text_image gives no caption to some images; every image needs at least one")
-    best = i2t.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
-    i2t_rank = (i2t > best).sum(dim=1)
-    target = t2i.gather(1, text_image[:, None])
-    t2i_rank = (t2i > target).sum(dim=1)
-    return _recalls(i2t_rank, t2i_rank, ks)
+    return _recalls(_image_ranks(i2t, text_image, 0), _caption_ranks(t2i, text_image), ks)
 
 
 @torch.no_grad()

@@ -36,16 +36,21 @@ def _check_extra(name, extra, a):
     return extra.detach()
 
 
-def _check_teacher(teacher, a, alpha, soft_mask, has_extra):
+def _check_teacher(teacher, a, alpha, soft_mask, has_extra, with_bias: bool = False):
+    """``teacher`` = (ta, tb, teacher_scale[, teacher_bias]) checked against the student's features ``a`` ->
+    the same, detached, features in ``a``'s dtype (the kernels multiply them so), scalars as 0-d tensors; None
+    without a teacher. ``with_bias``: the sigmoid losses' form, with the teacher's logit bias."""
+    form = "(ta, tb, teacher_scale, teacher_bias)" if with_bias else "(ta, tb, teacher_scale)"
+    labels = "soft labels" if with_bias else "soft targets"
     if teacher is None:
         if alpha != 0.0:
-            raise ValueError("alpha > 0 needs soft targets: pass teacher=(ta, tb, teacher_scale)")
+            raise ValueError(f"alpha > 0 needs {labels}: pass teacher={form}")
         if soft_mask is not None:
-            raise ValueError("soft_mask needs soft targets: pass teacher=(ta, tb, teacher_scale)")
+            raise ValueError(f"soft_mask needs {labels}: pass teacher={form}")
         return None
-    if not isinstance(teacher, (tuple, list)) or len(teacher) != 3:
-        raise TypeError("teacher must be a tuple (ta [N, D'], tb [N, D'], teacher_scale)")
-    ta, tb, t_scale = teacher
+    if not isinstance(teacher, (tuple, list)) or len(teacher) != 3 + with_bias:
+        raise TypeError("teacher must be a tuple " + form.replace("ta, tb", "ta [N, D'], tb [N, D']"))
+    ta, tb, t_scale = teacher[:3]
     _check_pair("teacher[0]", ta, "teacher[1]", tb, 2)
     check_same_device("a", a, **{"teacher[0]": ta})
     if ta.shape[0] != a.shape[0]:
@@ -55,15 +60,16 @@ def _check_teacher(teacher, a, alpha, soft_mask, has_extra):
             f"with extra columns the teacher scores the queue features as they are, so its feature size must be "
             f"D = {a.shape[1]}, got {ta.shape[1]}"
         )
-    t_scale = as_scalar_tensor("teacher[2] (teacher_scale)", t_scale, a).detach()
+    scalars = [as_scalar_tensor("teacher[2] (teacher_scale)", t_scale, a).detach()]
+    if with_bias:
+        scalars.append(as_scalar_tensor("teacher[3] (teacher_bias)", teacher[3], a, positive=False).detach())
     if soft_mask is not None:
         if not isinstance(soft_mask, torch.Tensor) or soft_mask.dtype != torch.bool:
             raise TypeError(f"soft_mask must be a bool tensor [N], got {getattr(soft_mask, 'dtype', type(soft_mask))}")
         if soft_mask.shape != (a.shape[0],):
             raise ValueError(f"soft_mask must have shape [{a.shape[0]}], got {tuple(soft_mask.shape)}")
         check_same_device("a", a, soft_mask=soft_mask)
-    # The kernels multiply teacher features in the student's dtype.
-    return ta.detach().to(a.dtype), tb.detach().to(a.dtype), t_scale
+    return (ta.detach().to(a.dtype), tb.detach().to(a.dtype), *scalars)
 
 
 def contrastive_loss(a, b, scale, *, teacher=None, alpha=0.0, soft_mask=None, extra_a=None, extra_b=None, columns=None,

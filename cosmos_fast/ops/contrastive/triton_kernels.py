@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..._dispatch import triton_interpreted
+from ..fp32_matmul import accumulate_mm
 from ..triton_utils import dot_precision as _precision
 from ..triton_utils import dot_tile as _dot_tile
 from ..triton_utils import mma as _mma
@@ -537,29 +538,9 @@ def infonce_symmetric_bwd(grad_ab, grad_ba, a, b, scale, ta, tb, t_scale, alpha,
                 if need_a and acc_a is None:
                     torch.mm(block, b[vb], out=d_a[va, start:stop])
                 elif need_a:
-                    _accumulate_mm(acc_a[: stop - start], block, b[vb])
+                    accumulate_mm(acc_a[: stop - start], block, b[vb])
                 if need_b:
-                    _accumulate_mm(d_b[vb], block.t(), a[va, start:stop])
+                    accumulate_mm(d_b[vb], block.t(), a[va, start:stop])
             if need_a and acc_a is not None:
                 d_a[va, start:stop] = acc_a[: stop - start]
     return d_a, (d_b.to(b.dtype) if need_b else None), ds_part.sum().to(scale.dtype)
-
-
-def _accumulate_mm(acc, x, y):
-    """acc (fp32) += x @ y. For 16-bit x, y on CUDA, cuBLAS accumulates into fp32 directly where PyTorch offers
-    addmm's out_dtype (no 16-bit temporary, no extra pass); otherwise through a temporary."""
-    if x.dtype != acc.dtype and x.is_cuda and _HAS_ADDMM_OUT_DTYPE:
-        torch.addmm(acc, x, y, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += torch.mm(x, y)
-
-
-def _addmm_out_dtype_available() -> bool:
-    try:
-        schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")]
-    except RuntimeError:
-        return False
-    return any("out_dtype" in schema for schema in schemas)
-
-
-_HAS_ADDMM_OUT_DTYPE = _addmm_out_dtype_available()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..fp32_matmul import accumulate_mm
+
 # Largest [rows, V] block of logits or of dL/dlogits one step holds: 64 Mi elements (128 MiB in bf16). SIMLA's
 # masked tokens (1920 rows x 30522) fit in one block, so the backward is two large products with no fp32
 # accumulator for dW; on an H100, 549-row blocks (16 Mi) ran those products at 160-230 TFLOP/s.
@@ -85,27 +87,7 @@ def linear_backward(hidden, weight, need_hidden, need_weight, need_bias, grad_bl
         if need_hidden:
             torch.mm(grad, weight, out=d_hidden[start:stop])
         if need_weight:
-            _accumulate_mm(d_weight, grad.t(), hidden[start:stop])
+            accumulate_mm(d_weight, grad.t(), hidden[start:stop])
         if need_bias:
             d_bias += grad.sum(0, dtype=acc_dtype)
     return d_hidden, d_weight, d_bias
-
-
-def _accumulate_mm(acc, x, y):
-    """acc += x @ y with acc in fp32. 16-bit CUDA operands accumulate in fp32 inside cuBLAS where this PyTorch
-    has addmm's out_dtype (no 16-bit temporary); otherwise through a temporary."""
-    if x.dtype != acc.dtype and x.is_cuda and _ADDMM_HAS_OUT_DTYPE:
-        torch.addmm(acc, x, y, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += torch.mm(x, y)
-
-
-def _addmm_has_out_dtype() -> bool:
-    try:
-        schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")]
-    except RuntimeError:
-        return False
-    return any("out_dtype" in schema for schema in schemas)
-
-
-_ADDMM_HAS_OUT_DTYPE = _addmm_has_out_dtype()

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..._dispatch import triton_interpreted
+from ..fp32_matmul import accumulate_mm, mm_fp32
 from ..triton_utils import dot_precision as _precision
 from ..triton_utils import dot_tile as _dot_tile
 from ..triton_utils import pow2_at_least_16 as _pow2_at_least_16
@@ -92,38 +93,6 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, _pow2_at_least_16(D)), num_warps=warps, num_stages=stages)
 
 
-def _mm_fp32(x, y):
-    """x @ y in fp32, never rounded to x's dtype (cuBLAS's out_dtype where PyTorch has it)."""
-    if x.dtype == torch.float32:
-        return x @ y
-    if x.is_cuda and _HAS_MM_OUT_DTYPE:
-        return torch.mm(x, y, out_dtype=torch.float32)
-    return x.float() @ y.float()
-
-
-def _accumulate_mm(acc, x, y):
-    """acc (fp32) += x @ y with the product never rounded to x's dtype: cuBLAS accumulates into fp32 where PyTorch
-    offers addmm's out_dtype; elsewhere (the interpreter's CPU tensors) the product is taken in fp32."""
-    if x.dtype == acc.dtype:
-        acc += x @ y
-    elif x.is_cuda and _HAS_ADDMM_OUT_DTYPE:
-        torch.addmm(acc, x, y, out_dtype=acc.dtype, out=acc)
-    else:
-        acc += x.to(acc.dtype) @ y.to(acc.dtype)
-
-
-def _addmm_out_dtype_available() -> bool:
-    try:
-        schemas = [str(s) for s in torch._C._jit_get_schemas_for_operator("aten::addmm")]
-    except RuntimeError:
-        return False
-    return any("out_dtype" in schema for schema in schemas)
-
-
-_HAS_ADDMM_OUT_DTYPE = _addmm_out_dtype_available()
-_HAS_MM_OUT_DTYPE = any("out_dtype" in str(schema) for schema in torch._C._jit_get_schemas_for_operator("aten::mm"))
-
-
 def sigmoid_pairs(rows, cols, extra, scale, bias, offset, t_rows, t_cols, t_scale, t_bias, alpha, soft_mask,
                   need_grads, need_cols):
     rows, cols = rows.contiguous(), cols.contiguous()
@@ -184,13 +153,13 @@ def sigmoid_pairs(rows, cols, extra, scale, bias, offset, t_rows, t_cols, t_scal
                 d_bias += dt_part[: grid[0]].sum()
                 block = g_block[: stop - start]
                 positives = diag[: stop - start, None] * scalars[4]  # their gradients, in fp32
-                part = _mm_fp32(block, cols_all) + positives * cols_all[offset + start:offset + stop].float()
+                part = mm_fp32(block, cols_all) + positives * cols_all[offset + start:offset + stop].float()
                 if Vc == 1:
                     d_rows[vr, start:stop] = part
                 else:
                     d_rows[vr, start:stop] += part
                 if need_cols:
-                    _accumulate_mm(d_cols[vc], block[:, :N].t(), rows[vr, start:stop])
+                    accumulate_mm(d_cols[vc], block[:, :N].t(), rows[vr, start:stop])
                     d_cols[vc, offset + start:offset + stop] += positives * rows[vr, start:stop].float()
     d_rows = d_rows.to(rows.dtype) if need_grads else None
     d_cols = d_cols.to(cols.dtype) if d_cols is not None else None
