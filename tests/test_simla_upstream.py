@@ -374,6 +374,8 @@ def test_itm_reranking_against_a_hand_computed_ranking():
     # < 1.0, so caption 5 finds image 2 first)
     assert metrics == {"i2t_R@1": 100.0, "t2i_R@1": pytest.approx(100 * 4 / 6), "i2t_R@2": 100.0,
                        "t2i_R@2": pytest.approx(100 * 4 / 6)}
+    # captions 0 and 2 never had their image among their 2 candidates (-inf): not found at any k, R@3 included
+    assert recall_from_scores(i2t, t2i, caption_image, ks=(3,))["t2i_R@3"] == pytest.approx(100 * 4 / 6)
 
 
 def test_itm_reranking_on_a_model_equals_brute_force():

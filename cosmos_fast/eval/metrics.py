@@ -86,13 +86,21 @@ def _image_ranks(scores: torch.Tensor, text_image: torch.Tensor, first: int) -> 
     scoring strictly higher than its best-scored own caption."""
     correct = text_image[None, :] == torch.arange(first, first + scores.shape[0])[:, None]
     best = scores.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values
-    return (scores > best).sum(dim=1)
+    return _unfound_last((scores > best).sum(dim=1), best.squeeze(1), scores.shape[1])
 
 
 def _caption_ranks(scores: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
     """scores [t, I] of captions against every image, caption_image [t] -> [t]: per caption, the images scoring
     strictly higher than its own."""
-    return (scores > scores.gather(1, caption_image[:, None])).sum(dim=1)
+    target = scores.gather(1, caption_image[:, None])
+    return _unfound_last((scores > target).sum(dim=1), target.squeeze(1), scores.shape[1])
+
+
+def _unfound_last(ranks: torch.Tensor, score: torch.Tensor, candidates: int) -> torch.Tensor:
+    """A right answer scored -inf (re-ranked retrieval: never among the query's candidates) is never found: its
+    rank is the number of candidates, whatever the other scores (counting only the finite ones above it would
+    let it be found at any k above the re-ranked k)."""
+    return torch.where(score == float("-inf"), candidates, ranks)
 
 
 def _recalls(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, ks) -> dict[str, float]:
